@@ -1,0 +1,28 @@
+# The two commands of the README: `make run` and `make test`.
+# Both create (or reuse) .venv and install the project into it; a second call
+# reinstalls only when pyproject.toml changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# prepare -> pretrain -> evaluate -> export on the embedded default corpus.
+run: $(STAMP)
+	$(PY) jobs/main.py $(ARGS)
+
+# pytest exits 5 when it collects no test; make propagates any non-zero exit.
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

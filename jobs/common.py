@@ -1,0 +1,82 @@
+"""What every job shares: the Hydra entry point, the typed root config, Ray start-up.
+
+A job file is thin: it declares `@job` on a function that takes the typed
+`RootConfig` (never a DictConfig) and calls into moe_platform. This module
+turns config mistakes into one clear sentence instead of a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jobs.config import RootConfig, register_configs
+
+log = logging.getLogger("jobs")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key."""
+
+
+def to_root_config(cfg: DictConfig) -> RootConfig:
+    """DictConfig -> RootConfig once, at the entry point; dataclass validation runs here."""
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        # OmegaConf wraps errors raised in a dataclass __post_init__; surface the original sentence.
+        cause = exc.__cause__ or exc
+        raise ConfigError(_first_line(cause)) from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(_first_line(exc)) from None
+    assert isinstance(config, RootConfig)
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def job(fn: Callable[[RootConfig], object]) -> Callable[[], None]:
+    """Decorate a job's main: Hydra parses overrides, `fn` gets the validated RootConfig.
+
+    Exits 2 with `config error: <sentence>` for a bad config, before Ray starts.
+    """
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def _hydra_entry(cfg: DictConfig) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            config = to_root_config(cfg)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        fn(config)
+
+    @functools.wraps(fn)
+    def main() -> None:
+        _hydra_entry()
+
+    return main
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS (or a `ray start` one), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # No cluster given: a local instance sized to this machine. The dashboard stays on:
+        # without it Tune leaks placement groups of trials that ASHA stops (RAY_NOTES.md).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)

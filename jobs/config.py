@@ -1,0 +1,24 @@
+"""The root config: one section per concern, each a typed dataclass owned by the
+package it configures. Every job loads this same tree (jobs/conf/config.yaml),
+so an `experiment=` preset applies to any job and a typo fails in any job.
+
+Registered with Hydra's ConfigStore as the schema of jobs/conf/config.yaml:
+an unknown key or a wrong type fails at parse time, naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from moe import ModelConfig
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Sections are added here by the package that owns them (data, trainer, run, tune, serve, ...).
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="root_schema", node=RootConfig)
