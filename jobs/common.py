@@ -44,6 +44,36 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def check_overrides(overrides: list[str]) -> None:
+    """Compose the config tree with `overrides`; raise ConfigError naming the bad key."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+
+    register_configs()
+    try:
+        with initialize_config_module(config_module="jobs.conf", version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_describe_hydra_error(exc)) from None
+
+
+def _describe_hydra_error(exc: BaseException) -> str:
+    """One line from Hydra's error chain: `<full.key>: <what is wrong>` where a key is known."""
+    for err in _error_chain(exc):
+        full_key = getattr(err, "full_key", None)
+        if isinstance(err, OmegaConfBaseException) and full_key:
+            return f"{full_key}: {_first_line(err)}"
+    return _first_line(exc)
+
+
+def _error_chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def job(fn: Callable[[RootConfig], object]) -> Callable[[], None]:
     """Decorate a job's main: Hydra parses overrides, `fn` gets the validated RootConfig.
 
@@ -63,6 +93,15 @@ def job(fn: Callable[[RootConfig], object]) -> Callable[[], None]:
 
     @functools.wraps(fn)
     def main() -> None:
+        overrides = sys.argv[1:]
+        # Hydra reports a bad override in a multi-line block; compose once ourselves so the
+        # user gets one line naming the key. Hydra's own flags (--help, --cfg, -m) go straight on.
+        if overrides and not any(arg.startswith("-") for arg in overrides):
+            try:
+                check_overrides(overrides)
+            except ConfigError as exc:
+                print(f"config error: {exc}", file=sys.stderr)
+                sys.exit(2)
         _hydra_entry()
 
     return main

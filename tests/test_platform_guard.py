@@ -2,7 +2,9 @@
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_platform_dir_is_not_a_package():
