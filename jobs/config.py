@@ -12,11 +12,23 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 
 from moe import ModelConfig
+from moe_platform.data import DataConfig
+from moe_platform.serve.config import ServeConfig
+from moe_platform.train.config import EvaluateConfig, InitConfig, RunConfig, TrainerConfig
+from moe_platform.tune.config import TuneConfig
 
 
 @dataclass
 class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    # moe_platform.train: how to train, where a run writes, where weights start, what evaluate scores.
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Sections are added here by the package that owns them (data, trainer, run, tune, serve, ...).
 
 

@@ -1,0 +1,512 @@
+"""The prepare pipeline: corpus -> tokenizer -> Ray Data tokenization -> packed shards -> manifest.
+
+    driver                                      Ray Data tasks (fractional CPUs)
+    ------                                      --------------------------------
+    find files, fingerprint, check dataset_dir
+    train (or load) the tokenizer on a sample
+    from_items(files) ────────────────────────▶ read documents, pick split by hash,
+                                                 encode + eos   (or a skip: path, reason)
+    iterate blocks in file order ◀────────────
+    pack rows per split, write zstd shards
+    manifest.json last
+
+Tokenizing is the expensive part and runs in parallel; packing on the driver is a
+numpy reshape and a Parquet write per shard. Ray Data runs with preserve_order,
+so the driver sees documents in sorted-file order and the shards are
+byte-identical for the same inputs and config (task sizes and CPUs do not
+matter). Everything that can be checked before Ray starts is checked before.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+from tokenizers import Tokenizer
+
+from moe_platform.data import storage
+from moe_platform.data.config import DataConfig
+from moe_platform.data.errors import DataError, ManifestError
+from moe_platform.data.manifest import (
+    MANIFEST_FILE,
+    SPLITS,
+    TOKENIZER_FILE,
+    DocumentStats,
+    Manifest,
+    Skip,
+    SplitInfo,
+    TokenizerInfo,
+)
+from moe_platform.data.packing import TRAIN, VALIDATION, RowPacker, ShardWriter, assign_split
+from moe_platform.data.sources import Corpus, Document, SourceFile, find_corpus, read_documents, resolved_max_bytes
+from moe_platform.data.tokenizer import (
+    encode_documents,
+    encoder_from_json,
+    load_tokenizer,
+    sha256_text,
+    special_token_ids,
+    tokenizer_json,
+    train_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+# Bump when the bytes written for the same inputs change; part of the fingerprint.
+PIPELINE_VERSION = 1
+# Present while a run writes; holds its fingerprint, so an interrupted run is recognised.
+IN_PROGRESS_FILE = ".prepare-in-progress.json"
+OUTPUT_NAMES = (MANIFEST_FILE, TOKENIZER_FILE, *SPLITS, IN_PROGRESS_FILE)
+# Config keys that change no output byte: where it goes and how the work is cut into tasks.
+NOT_FINGERPRINTED = {"dataset_dir", "overwrite", "files_per_task", "num_cpus_per_task", "tokenizer"}
+# Split codes in the tokenized stream; a skip carries SKIPPED and no tokens.
+SPLIT_CODES = {TRAIN: 0, VALIDATION: 1}
+SKIPPED = -1
+
+
+@dataclass
+class TokenizerBundle:
+    tokenizer: Tokenizer
+    serialized: str
+    eos_id: int
+    pad_id: int
+    trained: bool
+
+
+@dataclass
+class PreparePlan:
+    """Everything decided on the driver before Ray starts."""
+
+    config: DataConfig
+    corpus: Corpus
+    fingerprint: str
+    # A complete dataset with this fingerprint already in dataset_dir: reuse it.
+    existing: Optional[Manifest] = None
+
+
+@dataclass
+class PrepareResult:
+    manifest: Manifest
+    reused: bool
+
+    def summary(self) -> str:
+        return format_summary(self.manifest, reused=self.reused)
+
+
+# ---- the pipeline, top to bottom ---------------------------------------------------------------
+
+
+def prepare_dataset(config: DataConfig, *, start_ray: Optional[Callable[[], None]] = None) -> PrepareResult:
+    """Prepare (or reuse) the dataset that `config` describes. Raises DataError for unusable input.
+
+    `start_ray` connects to Ray (jobs pass `jobs.common.init_ray`); it is called only once the
+    driver-side checks passed and there is work for the cluster.
+    """
+    plan = plan_dataset(config.resolved())
+    if plan.existing is not None:
+        log.info("%s already holds this dataset (fingerprint %s): reusing it", plan.config.dataset_dir, plan.fingerprint[:12])
+        return PrepareResult(plan.existing, reused=True)
+    bundle = build_tokenizer(plan)
+    (start_ray or _start_local_ray)()
+    return PrepareResult(write_dataset(plan, bundle), reused=False)
+
+
+def plan_dataset(config: DataConfig) -> PreparePlan:
+    try:
+        corpus = find_corpus(config)
+    except (OSError, pa.ArrowException) as exc:
+        # Listing a bucket can fail (credentials, network): one line naming data.input, no traceback.
+        raise DataError(f"data.input: cannot list {config.input}: {str(exc).strip().splitlines()[0]}") from None
+    log.info("corpus: %d file(s) from %s", len(corpus.files), corpus.input)
+    fingerprint = compute_fingerprint(config, corpus)
+    existing = check_dataset_dir(config.dataset_dir, fingerprint, overwrite=config.overwrite, config=config)
+    return PreparePlan(config=config, corpus=corpus, fingerprint=fingerprint, existing=existing)
+
+
+def build_tokenizer(plan: PreparePlan) -> TokenizerBundle:
+    config = plan.config
+    if config.tokenizer:
+        tokenizer, trained = load_tokenizer(config.tokenizer), False
+        log.info("reusing tokenizer %s (vocab %d)", config.tokenizer, tokenizer.get_vocab_size())
+    else:
+        texts, skipped = tokenizer_sample(plan.corpus, config)
+        if not texts:
+            raise DataError(f"no usable documents in {plan.corpus.input}: {summarize_skips(skipped)}")
+        log.info("training a byte-level BPE (vocab %d) on %d documents", config.vocab_size, len(texts))
+        tokenizer = train_tokenizer(
+            texts, vocab_size=config.vocab_size, special_tokens=config.special_tokens, min_frequency=config.min_frequency
+        )
+        trained = True
+    eos_id, pad_id = special_token_ids(tokenizer, eos_token=config.eos_token, pad_token=config.pad_token)
+    return TokenizerBundle(tokenizer, tokenizer_json(tokenizer), eos_id, pad_id, trained)
+
+
+def write_dataset(plan: PreparePlan, bundle: TokenizerBundle) -> Manifest:
+    """Write tokenizer, shards and (last) the manifest; on any failure leave no half dataset."""
+    dataset_dir = plan.config.dataset_dir
+    clear_outputs(dataset_dir)
+    for split in SPLITS:
+        storage.make_dirs(storage.join(dataset_dir, split))
+    marker = json.dumps({"fingerprint": plan.fingerprint}).encode()
+    storage.write_bytes_atomically(storage.join(dataset_dir, IN_PROGRESS_FILE), marker)
+    try:
+        storage.write_bytes_atomically(storage.join(dataset_dir, TOKENIZER_FILE), bundle.serialized.encode("utf-8"))
+        collector = ShardCollector(plan.config, plan.corpus)
+        for table in tokenize_on_ray(plan, bundle):
+            if not collector.consume(table):
+                break  # the document cap is reached; closing the iterator stops Ray Data
+        manifest = collector.finish(plan, bundle)
+        manifest.save(dataset_dir)
+    except BaseException:
+        clear_outputs(dataset_dir)
+        raise
+    storage.delete(storage.join(dataset_dir, IN_PROGRESS_FILE))
+    return manifest
+
+
+# ---- driver-side decisions -----------------------------------------------------------------------
+
+
+def compute_fingerprint(config: DataConfig, corpus: Corpus) -> str:
+    """Hash of everything that decides the output bytes: config, file list, tokenizer, library versions."""
+    import tokenizers
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in NOT_FINGERPRINTED}
+    settings["max_bytes"] = resolved_max_bytes(config)
+    identity = {
+        "pipeline": PIPELINE_VERSION,
+        "config": settings,
+        "input": corpus.input,
+        "files": [[f.identity, f.size, f.mtime_ns] for f in corpus.files],
+        "tokenizer_sha256": _file_sha256(config.tokenizer) if config.tokenizer else None,
+        "versions": {"tokenizers": tokenizers.__version__, "pyarrow": pa.__version__},
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _file_sha256(location: str) -> Optional[str]:
+    if storage.file_info(location).type != pafs.FileType.File:
+        return None  # reported as a missing tokenizer when it is loaded
+    return hashlib.sha256(storage.read_bytes(location)).hexdigest()
+
+
+def check_dataset_dir(
+    dataset_dir: str, fingerprint: str, *, overwrite: bool, config: Optional[DataConfig] = None
+) -> Optional[Manifest]:
+    """The complete dataset to reuse, or None to write; DataError if writing would clobber another run."""
+    info = storage.file_info(dataset_dir)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type != pafs.FileType.Directory:
+        raise DataError(f"data.dataset_dir: {dataset_dir} exists and is not a directory")
+    found = _describe_existing(dataset_dir, fingerprint, config)
+    if found is None:
+        return None  # empty
+    if isinstance(found, Manifest):
+        if not overwrite:
+            return found
+        log.info("data.overwrite=true: rewriting %s", dataset_dir)
+        return None
+    if found == "same run":
+        log.info("%s holds an unfinished run of this same dataset: rewriting it", dataset_dir)
+        return None
+    if not overwrite:
+        raise DataError(
+            f"data.dataset_dir: {dataset_dir} holds {found}; choose another data.dataset_dir "
+            "or pass data.overwrite=true to replace it"
+        )
+    log.warning("data.overwrite=true: replacing %s in %s", found, dataset_dir)
+    return None
+
+
+def _describe_existing(dataset_dir: str, fingerprint: str, config: Optional[DataConfig] = None):
+    """None (empty), a reusable Manifest, 'same run' (safe to rewrite), or a description of what is there."""
+    fs, path = storage.filesystem(dataset_dir)
+    names = {info.base_name for info in fs.get_file_info(pafs.FileSelector(path))}
+    if not names:
+        return None
+    if MANIFEST_FILE in names:
+        try:
+            manifest = Manifest.load(dataset_dir, check_files=False)
+        except ManifestError as exc:
+            return f"an unreadable dataset ({exc})"
+        if manifest.fingerprint != fingerprint:
+            return (f"a different dataset ({_what_differs(manifest, config)}; "
+                    f"fingerprint {manifest.fingerprint[:12]}, this run {fingerprint[:12]})")
+        try:
+            manifest.check_files()
+        except ManifestError:
+            return "same run"
+        return manifest
+    if IN_PROGRESS_FILE in names:
+        marker = json.loads(storage.read_bytes(storage.join(dataset_dir, IN_PROGRESS_FILE)) or b"{}")
+        if marker.get("fingerprint") == fingerprint:
+            return "same run"
+        return "an unfinished run of a different dataset"
+    return f"files that are not a prepared dataset ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})"
+
+
+def _what_differs(manifest: Manifest, config: Optional[DataConfig]) -> str:
+    """'data.seq_len differs' or 'same config, other input files': tells the user what to change."""
+    if config is None:
+        return "other config or input"
+    current = config.to_dict()
+    changed = sorted(key for key, value in current.items()
+                     if key not in NOT_FINGERPRINTED and manifest.config.get(key, value) != value)
+    if changed:
+        return ", ".join(f"data.{key}" for key in changed) + (" differs" if len(changed) == 1 else " differ")
+    return "same config, but the input files or library versions changed"
+
+
+def clear_outputs(dataset_dir: str) -> None:
+    """Delete what prepare writes, and nothing else a user may keep in the directory."""
+    for name in OUTPUT_NAMES:
+        storage.delete(storage.join(dataset_dir, name))
+
+
+def tokenizer_sample(corpus: Corpus, config: DataConfig) -> tuple[list[str], list[Skip]]:
+    """Train-split texts for BPE training, up to data.tokenizer_train_bytes.
+
+    Files are visited in hash order: a spread over the whole corpus, not its alphabetical start.
+    Validation documents stay out, so validation text is unseen by the tokenizer too.
+    """
+    texts, skipped, budget = [], [], config.tokenizer_train_bytes
+    for file in sorted(corpus.files, key=lambda f: hashlib.sha256(f.identity.encode()).digest()):
+        for item in read_documents(file, text_field=config.text_field, text_column=config.text_column):
+            if isinstance(item, Skip):
+                skipped.append(item)
+            elif assign_split(item.identity, config.validation_fraction, config.split_seed) == TRAIN:
+                texts.append(item.text)
+                budget -= len(item.text)
+        if budget <= 0:
+            break
+    return texts, skipped
+
+
+# ---- Ray Data --------------------------------------------------------------------------------
+
+
+def tokenize_on_ray(plan: PreparePlan, bundle: TokenizerBundle) -> Iterator[pa.Table]:
+    """Tables of tokenized documents and skips, in corpus order, computed by Ray Data tasks."""
+    import ray
+
+    config, files = plan.config, plan.corpus.files
+    with _ordered_execution():
+        dataset = ray.data.from_items(
+            [asdict(f) for f in files], override_num_blocks=math.ceil(len(files) / config.files_per_task)
+        )
+        dataset = dataset.map_batches(
+            tokenize_files,
+            batch_format="pyarrow",
+            batch_size=config.files_per_task,
+            num_cpus=config.num_cpus_per_task,
+            fn_kwargs={
+                "tokenizer_serialized": bundle.serialized,
+                "eos_id": bundle.eos_id,
+                "text_field": config.text_field,
+                "text_column": config.text_column,
+                "validation_fraction": config.validation_fraction,
+                "split_seed": config.split_seed,
+            },
+        )
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def tokenize_files(
+    files: pa.Table,
+    *,
+    tokenizer_serialized: str,
+    eos_id: int,
+    text_field: str,
+    text_column: str,
+    validation_fraction: float,
+    split_seed: int,
+) -> pa.Table:
+    """Ray Data task: a batch of files -> one row per document or skip, in order.
+
+    Columns: split (int8: 0 train, 1 validation, -1 skipped), tokens (list<int32>, ending in
+    eos; empty for a skip), path and reason (set for a skip). Never raises for bad input.
+    """
+    codes, paths, reasons, texts = [], [], [], []
+    for record in files.to_pylist():
+        file = SourceFile(**record)
+        for item in read_documents(file, text_field=text_field, text_column=text_column):
+            if isinstance(item, Document):
+                codes.append(SPLIT_CODES[assign_split(item.identity, validation_fraction, split_seed)])
+                paths.append("")
+                reasons.append("")
+                texts.append(item.text)
+            else:
+                codes.append(SKIPPED)
+                paths.append(item.path)
+                reasons.append(item.reason)
+    encoded = iter(encode_documents(encoder_from_json(tokenizer_serialized), texts, eos_id))
+    empty = np.empty(0, dtype=np.int32)
+    per_row = [next(encoded) if code != SKIPPED else empty for code in codes]
+    lengths = np.array([len(tokens) for tokens in per_row], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = np.concatenate(per_row) if per_row else empty
+    return pa.table({
+        "split": pa.array(codes, type=pa.int8()),
+        "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32())),
+        "path": pa.array(paths, type=pa.string()),
+        "reason": pa.array(reasons, type=pa.string()),
+    })
+
+
+@contextlib.contextmanager
+def _ordered_execution():
+    """Ray Data in input order (determinism) and quiet (the job prints its own summary)."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved = (context.execution_options.preserve_order, context.enable_progress_bars, context.print_on_execution_start)
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        (context.execution_options.preserve_order, context.enable_progress_bars,
+         context.print_on_execution_start) = saved
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
+# ---- the driver's side of the stream ---------------------------------------------------------
+
+
+class ShardCollector:
+    """Counts documents and skips, packs each split's tokens into rows, writes the shards."""
+
+    def __init__(self, config: DataConfig, corpus: Corpus):
+        self.config = config
+        self.read = len(corpus.skipped)  # files passed over while listing count as read and skipped
+        self.used = 0
+        self.skipped: list[Skip] = list(corpus.skipped)
+        self.packers = {split: RowPacker(config.row_len) for split in SPLITS}
+        self.writers = {
+            split: ShardWriter(config.dataset_dir, split, row_len=config.row_len, shard_rows=config.shard_rows,
+                               row_group_rows=config.row_group_rows)
+            for split in SPLITS
+        }
+        self._documents_left = config.max_documents or math.inf
+
+    def consume(self, table: pa.Table) -> bool:
+        """Take one block of the stream; False once the document cap is reached."""
+        if len(table) > self._documents_left:
+            table = table.slice(0, int(self._documents_left))
+        self._documents_left -= len(table)
+        self.read += len(table)
+        codes = table.column("split").to_numpy()
+        tokens = table.column("tokens").combine_chunks()
+        self._record_skips(table, codes)
+        self.used += int(np.count_nonzero(codes != SKIPPED))
+        lengths = tokens.value_lengths().to_numpy(zero_copy_only=False)
+        values = tokens.flatten().to_numpy()
+        for split, code in SPLIT_CODES.items():
+            # Tokens of this split's documents, in document order.
+            selected = values[np.repeat(codes == code, lengths)]
+            self.writers[split].add(self.packers[split].add(selected))
+        return self._documents_left > 0
+
+    def _record_skips(self, table: pa.Table, codes: np.ndarray) -> None:
+        where = np.flatnonzero(codes == SKIPPED)
+        if len(where):
+            paths = table.column("path").take(where).to_pylist()
+            reasons = table.column("reason").take(where).to_pylist()
+            self.skipped.extend(Skip(p, r) for p, r in zip(paths, reasons))
+
+    def finish(self, plan: PreparePlan, bundle: TokenizerBundle) -> Manifest:
+        if self.used == 0:
+            raise DataError(f"no usable documents in {plan.corpus.input}: {summarize_skips(self.skipped)}")
+        splits = {}
+        for split in SPLITS:
+            shards = self.writers[split].finish()
+            rows = sum(s.rows for s in shards)
+            splits[split] = SplitInfo(rows=rows, tokens=rows * self.config.row_len, shards=shards)
+        tails = {split: packer.tail for split, packer in self.packers.items()}
+        if splits[TRAIN].rows == 0:
+            raise DataError(
+                f"too little text for one row: the train split has {tails[TRAIN]} tokens and a row needs "
+                f"data.seq_len + 1 = {self.config.row_len}; lower data.seq_len or add documents"
+            )
+        if splits[VALIDATION].rows == 0 and self.config.validation_fraction > 0:
+            log.warning("the validation split has no full row (%d tokens); raise data.validation_fraction "
+                        "or add documents", tails[VALIDATION])
+        return self._manifest(plan, bundle, splits, tails)
+
+    def _manifest(self, plan: PreparePlan, bundle: TokenizerBundle, splits: dict, tails: dict) -> Manifest:
+        config, corpus = self.config, plan.corpus
+        return Manifest(
+            seq_len=config.seq_len,
+            vocab_size=bundle.tokenizer.get_vocab_size(),
+            tokenizer=TokenizerInfo(file=TOKENIZER_FILE, sha256=sha256_text(bundle.serialized),
+                                    eos_id=bundle.eos_id, pad_id=bundle.pad_id),
+            splits=splits,
+            documents=DocumentStats(read=self.read, used=self.used, skipped=self.skipped, tail_tokens_dropped=tails),
+            input={
+                "location": corpus.input,
+                "default_corpus": corpus.is_default,
+                "files": len(corpus.files),
+                "bytes": sum(f.size for f in corpus.files),
+                "max_bytes": resolved_max_bytes(config),
+                "max_documents": config.max_documents,
+                "tokenizer_trained": bundle.trained,
+            },
+            fingerprint=plan.fingerprint,
+            config=config.to_dict(),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            dataset_dir=config.dataset_dir,
+        )
+
+
+# ---- what the user reads -----------------------------------------------------------------------
+
+
+def summarize_skips(skipped: list[Skip]) -> str:
+    """'3 skipped: 2 invalid UTF-8, 1 malformed JSON' - reasons grouped without their positions."""
+    if not skipped:
+        return "0 skipped"
+    counts = Counter(_reason_kind(s.reason) for s in skipped)
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))  # most common first, then by name
+    return f"{len(skipped)} skipped: " + ", ".join(f"{n} {kind}" for kind, n in ranked)
+
+
+def _reason_kind(reason: str) -> str:
+    kind = re.sub(r"^(line|row) \d+: ", "", reason)
+    kind = re.sub(r" at byte \d+$", "", kind)
+    return re.sub(r" \(.*\)$", "", kind)
+
+
+def format_summary(manifest: Manifest, *, reused: bool) -> str:
+    docs = manifest.documents
+    lines = [
+        f"{'Reused' if reused else 'Prepared'} dataset {manifest.dataset_dir}",
+        f"  manifest:   {storage.join(manifest.dataset_dir, MANIFEST_FILE)}",
+        f"  tokenizer:  {manifest.tokenizer_path} (vocab {manifest.vocab_size}, eos {manifest.tokenizer.eos_id}, "
+        f"pad {manifest.tokenizer.pad_id})",
+        f"  documents:  {docs.read} read, {docs.used} used, {summarize_skips(docs.skipped)}"
+        + (" (paths and reasons in manifest.json)" if docs.skipped else ""),
+    ]
+    for name, split in manifest.splits.items():
+        lines.append(
+            f"  {name + ':':<11} {split.rows} rows x {manifest.row_len} tokens = {split.tokens} tokens "
+            f"in {len(split.shards)} shard(s) under {storage.join(manifest.dataset_dir, name)}/ "
+            f"(tail of {docs.tail_tokens_dropped.get(name, 0)} tokens dropped)"
+        )
+    return "\n".join(lines)

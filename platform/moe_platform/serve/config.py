@@ -1,0 +1,173 @@
+"""ServeConfig: the `serve` section of the job config (jobs/conf/config.yaml).
+
+Plain types only (an OmegaConf structured config): Hydra validates overrides
+against it and `__post_init__` rejects bad values with one sentence naming the
+key, before Ray starts. The same dataclass is built from the dict that
+`build_app(args)` receives from `serve run` / `serve deploy` / a RayService.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Optional
+
+# The environment variable that holds the API key when serve.api_key is unset.
+API_KEY_ENV = "MOE_SERVE_API_KEY"
+
+
+@dataclass
+class AutoscalingConfig:
+    """Replica autoscaling (Ray Serve's autoscaling_config). min == max: a fixed replica count."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    # Ongoing requests per replica Serve aims for. Batching wants several per replica:
+    # at 1, a replica would never see more than one request to batch.
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 30.0
+
+    def validate(self, prefix: str = "serve.autoscaling") -> None:
+        _require(self.min_replicas >= 0, f"{prefix}.min_replicas={self.min_replicas} must be >= 0")
+        _require(self.max_replicas >= 1, f"{prefix}.max_replicas={self.max_replicas} must be >= 1")
+        _require(
+            self.min_replicas <= self.max_replicas,
+            f"{prefix}.min_replicas={self.min_replicas} must be <= {prefix}.max_replicas={self.max_replicas}",
+        )
+        _require(
+            self.target_ongoing_requests > 0,
+            f"{prefix}.target_ongoing_requests={self.target_ongoing_requests} must be > 0",
+        )
+        _require(self.upscale_delay_s >= 0, f"{prefix}.upscale_delay_s={self.upscale_delay_s} must be >= 0")
+        _require(self.downscale_delay_s >= 0, f"{prefix}.downscale_delay_s={self.downscale_delay_s} must be >= 0")
+
+    def to_ray(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ServeConfig:
+    # The export directory written by training (model.safetensors, config.json, tokenizer.json).
+    # Unset: the serve job uses <run.output_dir>/export; build_app requires it.
+    export_dir: Optional[str] = None
+    # The name clients pass as "model" and /v1/models lists; unset: the export directory's name
+    # (its parent's for <run.output_dir>/export).
+    model_name: Optional[str] = None
+    # Serve application name and HTTP route prefix (one Ray cluster can host several apps).
+    app_name: str = "moe"
+    route_prefix: str = "/"
+    # Serve's HTTP proxy: one per Ray cluster, so host/port apply when this job starts Serve;
+    # a running Serve instance keeps its own. 0.0.0.0 exposes it beyond this machine.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Bearer token clients must send (Authorization: Bearer <key>); unset: the MOE_SERVE_API_KEY
+    # environment variable of the process that builds the app; neither: no auth (a warning).
+    # Ray's own token auth does not cover the Serve HTTP proxy, so this is the only guard.
+    api_key: Optional[str] = None
+    # Dynamic batching (batcher.py): when the model is free, a batch takes up to max_batch_size
+    # queued requests, waiting up to batch_wait_timeout_s for more only if fewer are queued.
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.02
+    # Requests a replica accepts at once; below max_batch_size batches can never fill.
+    max_ongoing_requests: int = 64
+    # Request limits: max_tokens default and ceiling, prompts per request, body size.
+    default_max_tokens: int = 16
+    max_tokens_limit: int = 512
+    max_prompts_per_request: int = 16
+    max_request_bytes: int = 1_000_000
+    # Resources per replica. CPU replicas use one torch thread each (replicas scale out, not up).
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    # Health checks: Serve calls check_health every period and restarts a replica that fails.
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    # The serve job blocks (prints the URL, serves until Ctrl-C); false: deploy and return.
+    blocking: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.autoscaling, dict):  # built from build_app's plain dict
+            self.autoscaling = AutoscalingConfig(**self.autoscaling)
+        _require(bool(self.app_name), "serve.app_name must not be empty")
+        _require(self.route_prefix.startswith("/"), f"serve.route_prefix={self.route_prefix!r} must start with '/'")
+        _require(0 < self.port < 65536, f"serve.port={self.port} must be in 1..65535")
+        _require(self.api_key is None or len(self.api_key) > 0, "serve.api_key must not be empty (unset it instead)")
+        _require(self.max_batch_size >= 1, f"serve.max_batch_size={self.max_batch_size} must be >= 1")
+        _require(self.batch_wait_timeout_s >= 0, f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0")
+        _require(self.max_ongoing_requests >= 1, f"serve.max_ongoing_requests={self.max_ongoing_requests} must be >= 1")
+        _require(self.max_tokens_limit >= 1, f"serve.max_tokens_limit={self.max_tokens_limit} must be >= 1")
+        _require(
+            1 <= self.default_max_tokens <= self.max_tokens_limit,
+            f"serve.default_max_tokens={self.default_max_tokens} must be in "
+            f"1..serve.max_tokens_limit={self.max_tokens_limit}",
+        )
+        _require(
+            self.max_prompts_per_request >= 1,
+            f"serve.max_prompts_per_request={self.max_prompts_per_request} must be >= 1",
+        )
+        _require(self.max_request_bytes >= 1024, f"serve.max_request_bytes={self.max_request_bytes} must be >= 1024")
+        _require(self.num_cpus >= 0, f"serve.num_cpus={self.num_cpus} must be >= 0")
+        _require(self.num_gpus >= 0, f"serve.num_gpus={self.num_gpus} must be >= 0")
+        _require(self.num_cpus > 0 or self.num_gpus > 0, "serve.num_cpus and serve.num_gpus must not both be 0")
+        _require(self.torch_threads >= 1, f"serve.torch_threads={self.torch_threads} must be >= 1")
+        _require(
+            self.health_check_period_s > 0, f"serve.health_check_period_s={self.health_check_period_s} must be > 0"
+        )
+        _require(
+            self.health_check_timeout_s > 0, f"serve.health_check_timeout_s={self.health_check_timeout_s} must be > 0"
+        )
+        self.autoscaling.validate()
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def resolved_api_key(self) -> Optional[str]:
+        """serve.api_key, else MOE_SERVE_API_KEY from this process' environment, else None."""
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def served_model_name(self, export_dir: str) -> str:
+        """serve.model_name, else the export directory's name; training writes <run dir>/export,
+        so an "export" directory is named after its run directory instead."""
+        if self.model_name:
+            return self.model_name
+        path = os.path.normpath(os.path.abspath(export_dir))
+        name = os.path.basename(path)
+        return os.path.basename(os.path.dirname(path)) if name == "export" else name
+
+    @classmethod
+    def from_dict(cls, args: Dict[str, Any]) -> "ServeConfig":
+        """Build from plain `serve run key=value` / YAML args; unknown keys fail, naming the key."""
+        known = {f.name for f in fields(cls)}
+        for key in args:
+            _require(key in known, f"serve.{key} is not a serve config key (known: {', '.join(sorted(known))})")
+        values = {key: _coerce(cls, key, value) for key, value in args.items()}
+        return cls(**values)
+
+
+def _coerce(cls: type, key: str, value: Any) -> Any:
+    """`serve run app:build_app port=8000` passes every value as a string: convert by field type."""
+    if not isinstance(value, str):
+        return value
+    annotation = next(f.type for f in fields(cls) if f.name == key)
+    annotation = str(annotation)
+    if value.lower() in ("none", "null") and "Optional" in annotation:
+        return None
+    try:
+        if annotation.startswith("int") or annotation == "Optional[int]":
+            return int(value)
+        if annotation.startswith("float"):
+            return float(value)
+        if annotation.startswith("bool"):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+    except ValueError:
+        raise ValueError(f"serve.{key}={value!r} is not a valid {annotation}") from None
+    return value
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
