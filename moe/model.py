@@ -1,0 +1,324 @@
+"""A decoder-only Mixture-of-Experts transformer, in the spirit of nanoGPT's model.py.
+
+token embedding -> n_layers x [RMSNorm -> causal attention (RoPE, SDPA) -> residual,
+RMSNorm -> feed-forward -> residual] -> RMSNorm -> lm_head. The feed-forward of every
+`moe_every`-th block is an MoELayer (moe/layer.py), the others a dense SwiGLU.
+Embeddings are tied by default (`tie_embeddings`): the output projection reuses the
+token embedding, which saves vocab_size * d_model parameters at small scale.
+
+Shapes: B batch, T sequence, D model dim, H heads, Hd head dim, V vocab, L cache length.
+
+Everything about ranks stays in moe/parallel.py; the model only knows its
+expert_parallel_size (each rank builds E / ep experts per MoE layer).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .experts import SwiGLU
+from .layer import MoELayer
+from .state import canonical_state_dict, initial_canonical_state, load_canonical_state_dict
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32: the mean of squares underflows/overflows easily in bf16.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of position * frequency, (seq_len, Hd), halves duplicated for rotate-half."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x_BHTd.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x_BHTd * cos + rotated * sin).to(x_BHTd.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, (B, H, L, Hd), preallocated for prompt + new tokens."""
+
+    def __init__(self, config: ModelConfig, batch: int, length: int, dtype: torch.dtype, device) -> None:
+        shape = (batch, config.n_heads, length, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, d, bias=False)
+        self.wv = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+
+    def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
+                kv: Optional[tuple[Tensor, Tensor]] = None, start: int = 0) -> Tensor:
+        """mask None: plain causal attention. Otherwise a (B, 1, T, L) bool mask (True = attend)
+        over the cache `kv`, into which this call's keys/values are written at [start, start + T)."""
+        B, T, D = x_BTD.shape
+        q, k, v = (w(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+                   for w in (self.wq, self.wk, self.wv))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            kv[0][:, :, start:start + T] = k
+            kv[1][:, :, start:start + T] = v
+            k, v = kv[0][:, :, :mask.shape[-1]], kv[1][:, :, :mask.shape[-1]]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, expert_parallel_size: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.ffn: nn.Module = MoELayer(config, expert_parallel_size=expert_parallel_size)
+        else:
+            self.ffn = SwiGLU(config.d_model, config.ffn_hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
+                kv: Optional[tuple[Tensor, Tensor]] = None, start: int = 0,
+                token_mask: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv, start)
+        h = self.ffn_norm(x)
+        # Generation routes dropless: a capacity would make a sequence depend on its batch.
+        h = self.ffn(h, token_mask, dropless=kv is not None) if isinstance(self.ffn, MoELayer) else self.ffn(h)
+        return x + h
+
+
+class MoETransformer(nn.Module):
+    """forward(idx, targets=None, loss_mask=None) -> (logits, loss); generate(); generate_stream()."""
+
+    def __init__(self, config: ModelConfig, *, expert_parallel_size: int = 1) -> None:
+        super().__init__()
+        config.validate_expert_parallel(expert_parallel_size)
+        # Draw the initial weights first, in the canonical layout, so that a seed gives the same
+        # model for any backend and EP size (building the modules below consumes RNG differently).
+        init_state = initial_canonical_state(config)
+        self.config = config
+        self.expert_parallel_size = expert_parallel_size
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config, i, expert_parallel_size) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(config.seq_len, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.loss_breakdown: dict[str, Tensor] = {}
+        self._warned_expert_choice = False
+        self.load_canonical_state_dict(init_state)
+
+    # -- training forward --------------------------------------------------------------------
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None,
+                loss_mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """idx, targets (next tokens; -100 = ignore), loss_mask: (B, T). The loss is the mean
+        cross-entropy over positions where loss_mask is set, plus the weighted router losses."""
+        T = idx.shape[1]
+        if T > self.config.seq_len:
+            raise ValueError(f"a sequence of {T} tokens is longer than model.seq_len={self.config.seq_len}.")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_emb(idx)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        return logits, self._loss(logits, targets, loss_mask)
+
+    def _loss(self, logits: Tensor, targets: Tensor, loss_mask: Optional[Tensor]) -> Tensor:
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+        counted = targets.flatten() != -100
+        if loss_mask is not None:
+            counted = counted & loss_mask.flatten().bool()
+        lm = (ce * counted).sum() / counted.sum().clamp(min=1)
+        balance, z = self._router_losses(logits)
+        m = self.config.moe
+        self.loss_breakdown = {"lm": lm.detach(), "balance": balance.detach(), "z": z.detach()}
+        return lm + m.balance_loss_coef * balance + m.z_loss_coef * z
+
+    def _router_losses(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean over MoE layers, so the coefficients do not scale with depth."""
+        layers = self.moe_layers()
+        if not layers:
+            zero = like.new_zeros((), dtype=torch.float32)
+            return zero, zero
+        balance = torch.stack([layer.aux_losses["balance"] for _, layer in layers]).mean()
+        z = torch.stack([layer.aux_losses["z"] for _, layer in layers]).mean()
+        return balance, z
+
+    # -- MoE controls ------------------------------------------------------------------------
+
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        return [(i, b.ffn) for i, b in enumerate(self.layers) if isinstance(b.ffn, MoELayer)]
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """Auxiliary-loss-free balancing step; call after each optimizer step (on every rank:
+        it all-reduces the load when torch.distributed is initialised). No-op when off."""
+        if self.config.moe.bias_update_rate == 0:
+            return
+        for _, layer in self.moe_layers():
+            layer.router.update_bias()
+
+    def set_routing_stats(self, enabled: bool) -> None:
+        """Turn per-layer routing statistics on or off (off costs nothing)."""
+        for _, layer in self.moe_layers():
+            layer.collect_stats = enabled
+            layer.stats = None
+
+    def routing_stats(self) -> list[dict]:
+        """Per MoE layer, from the last forward: layer, tokens_per_expert (CPU int64, this rank's
+        tokens per global expert before dropping), dropped_fraction, router_entropy (nats),
+        max_over_mean_load."""
+        return [{"layer": i, **layer.stats} for i, layer in self.moe_layers() if layer.stats is not None]
+
+    # -- canonical state dict ----------------------------------------------------------------
+
+    def canonical_state_dict(self, *, grads: bool = False) -> dict[str, Tensor]:
+        """EP- and backend-independent tensors (see moe/state.py for the layout); with
+        grads=True the parameters' gradients in the same layout. Collective when EP > 1."""
+        return canonical_state_dict(self, grads=grads)
+
+    def load_canonical_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Load canonical tensors; each rank takes its slice of the experts."""
+        load_canonical_state_dict(self, sd)
+
+    # -- generation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> list[list[int]]:
+        """New tokens for each prompt (a sequence that emits eos_token_id ends with it).
+        temperature=0 is greedy. Prompts may differ in length: a prompt's output does not
+        depend on the others in the batch (token_choice routing)."""
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in self.generate_stream(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, eos_token_id=eos_token_id, generator=generator):
+            for b, token in step.items():
+                out[b].append(token)
+        return out
+
+    @torch.no_grad()
+    def generate_stream(self, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 1.0,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        eos_token_id: Optional[int] = None,
+                        generator: Optional[torch.Generator] = None) -> Iterator[dict[int, int]]:
+        """Yields, per decoding step, {prompt index: new token} for every sequence still running."""
+        self._check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p)
+        self._warn_if_expert_choice()
+        was_training = self.training
+        self.eval()
+        try:
+            yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+        finally:
+            self.train(was_training)
+
+    def _decode(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator):
+        device, B = self.tok_emb.weight.device, len(prompts)
+        P = max(len(p) for p in prompts)
+        # Left-pad so every sequence's last prompt token sits in the same column.
+        idx = torch.zeros(B, P, dtype=torch.long, device=device)
+        key_valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            key_valid[b, P - len(p):P] = True
+        valid = key_valid[:, :P]
+        positions = (valid.cumsum(1) - 1).clamp(min=0)  # each sequence's RoPE positions start at 0
+        cache = KVCache(self.config, B, P + max_new_tokens, self.tok_emb.weight.dtype, device)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        # A padding query attends to itself only, so its row is never all-masked (NaN).
+        mask = (valid[:, None, :] & causal) | torch.eye(P, dtype=torch.bool, device=device)
+        logits = self._step(idx, positions, mask[:, None], cache, 0, valid)
+        next_pos = valid.sum(1, keepdim=True)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = _sample(logits, temperature, top_k, top_p, generator)
+            yield {b: int(token[b]) for b in range(B) if not finished[b]}
+            if eos_token_id is not None:
+                finished |= token == eos_token_id
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                return
+            key_valid[:, P + step] = True
+            mask = key_valid[:, None, None, :P + step + 1]
+            logits = self._step(token[:, None], next_pos, mask, cache, P + step, ~finished[:, None])
+            next_pos = next_pos + 1
+
+    def _step(self, idx: Tensor, positions: Tensor, mask: Tensor, cache: KVCache, start: int,
+              token_mask: Tensor) -> Tensor:
+        """Run new tokens through the model with the cache; logits of the last column (B, V)."""
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, Hd)
+        x = self.tok_emb(idx)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, (cache.k[i], cache.v[i]), start, token_mask)
+        return self.lm_head(self.norm(x[:, -1]))
+
+    def _check_generate_args(self, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.config.seq_len:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                             f"model's context model.seq_len={self.config.seq_len}.")
+        bad = [t for p in prompts for t in p if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size}).")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must not be negative (0 = greedy).")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k={top_k} must be at least 1.")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} must be in (0, 1].")
+
+    def _warn_if_expert_choice(self) -> None:
+        if self.config.moe.router == "expert_choice" and not self._warned_expert_choice:
+            self._warned_expert_choice = True
+            warnings.warn("model.moe.router=expert_choice is not causal: generation routes each step among the "
+                          "tokens present (the prompts, then one token per running sequence), so outputs depend "
+                          "on the batch and differ from a teacher-forced forward.", stacklevel=3)
+
+
+def _sample(logits_BV: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+            generator: Optional[torch.Generator]) -> Tensor:
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)

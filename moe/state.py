@@ -1,0 +1,114 @@
+"""The canonical state dict: one layout for every backend and expert-parallel size.
+
+    tok_emb.weight                          (V, D)
+    layers.{i}.attn_norm.weight             (D,)
+    layers.{i}.attn.{wq,wk,wv,wo}.weight    (D, D)
+    layers.{i}.ffn_norm.weight              (D,)
+    dense block i:
+    layers.{i}.ffn.w1.weight (Fd, D)   layers.{i}.ffn.w2.weight (D, Fd)   layers.{i}.ffn.w3.weight (Fd, D)
+    MoE block i:
+    layers.{i}.ffn.router.weight            (E, D)
+    layers.{i}.ffn.router.balance_bias      (E,)        only when bias_update_rate > 0
+    layers.{i}.ffn.experts.w1               (E, F, D)   gate projection of every expert
+    layers.{i}.ffn.experts.w2               (E, D, F)   down projection
+    layers.{i}.ffn.experts.w3               (E, F, D)   up projection
+    layers.{i}.ffn.shared.{w1,w2,w3}.weight (S, D) / (D, S) / (S, D), S = num_shared * shared hidden
+    norm.weight                             (D,)
+    lm_head.weight                          (V, D)      only when tie_embeddings is false
+
+Expert e's SwiGLU is w2[e] @ (silu(w1[e] @ x) * (w3[e] @ x)). Exports (safetensors)
+store exactly this; the model's own `state_dict()` differs by backend (and, for
+expert weights, takes DeepSpeed's per-expert key layout).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .model import MoETransformer
+
+
+def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, v, m = config.d_model, config.vocab_size, config.moe
+    e, f, s, fd = m.num_experts, m.expert_hidden, m.shared_hidden, config.ffn_hidden
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (v, d)}
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (d,)
+        for w in ("wq", "wk", "wv", "wo"):
+            shapes[p + f"attn.{w}.weight"] = (d, d)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        if not config.is_moe_layer(i):
+            shapes.update({p + "ffn.w1.weight": (fd, d), p + "ffn.w2.weight": (d, fd), p + "ffn.w3.weight": (fd, d)})
+            continue
+        shapes[p + "ffn.router.weight"] = (e, d)
+        if m.bias_update_rate > 0:
+            shapes[p + "ffn.router.balance_bias"] = (e,)
+        shapes.update({p + "ffn.experts.w1": (e, f, d), p + "ffn.experts.w2": (e, d, f),
+                       p + "ffn.experts.w3": (e, f, d)})
+        if s:
+            shapes.update({p + "ffn.shared.w1.weight": (s, d), p + "ffn.shared.w2.weight": (d, s),
+                           p + "ffn.shared.w3.weight": (s, d)})
+    shapes["norm.weight"] = (d,)
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+def initial_canonical_state(config: ModelConfig) -> dict[str, Tensor]:
+    """Fresh weights drawn from the global torch RNG in canonical order, so a given seed gives
+    the same model for every backend and EP size. Normal(0, init_std) matrices, with the
+    projections back into the residual stream (wo, w2) scaled by 1/sqrt(2 * n_layers) as in
+    GPT-2; norms at 1; balancing bias at 0."""
+    out_std = config.init_std / math.sqrt(2 * config.n_layers)
+    sd = {}
+    for key, shape in canonical_shapes(config).items():
+        if key.endswith(("norm.weight", "balance_bias")):
+            sd[key] = torch.zeros(shape) if key.endswith("balance_bias") else torch.ones(shape)
+        else:
+            std = out_std if key.endswith(("wo.weight", "w2.weight", "experts.w2")) else config.init_std
+            sd[key] = torch.randn(shape) * std
+    return sd
+
+
+def _moe_prefixes(model: "MoETransformer") -> dict[str, object]:
+    return {f"layers.{i}.ffn.": layer for i, layer in model.moe_layers()}
+
+
+def canonical_state_dict(model: "MoETransformer", grads: bool = False) -> dict[str, Tensor]:
+    moe = _moe_prefixes(model)
+    items = model.named_parameters() if grads else model.state_dict().items()
+    sd = {}
+    for key, t in items:
+        if key.startswith(tuple(moe)) or (model.config.tie_embeddings and key == "lm_head.weight"):
+            continue
+        sd[key] = (t.grad if grads else t).detach()
+    for prefix, layer in moe.items():
+        sd.update(layer.canonical_state(prefix, grads))
+    return sd
+
+
+@torch.no_grad()
+def load_canonical_state_dict(model: "MoETransformer", sd: dict[str, Tensor]) -> None:
+    expected = canonical_shapes(model.config)
+    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"the canonical state dict does not match the model config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}.")
+    for key, shape in expected.items():
+        if tuple(sd[key].shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(sd[key].shape)}; the model config needs {shape}.")
+    moe = _moe_prefixes(model)
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for key, t in sd.items():
+        if not key.startswith(tuple(moe)):
+            own[key].copy_(t)
+    for prefix, layer in moe.items():
+        layer.load_canonical_state(sd, prefix)
