@@ -1,0 +1,120 @@
+"""Dynamic batching for step-by-step generation: a batch forms when the model is free.
+
+Why not `@serve.batch`: Ray Serve's batcher seals the *next* batch as soon as its
+wait timeout passes, even while the current batch is still decoding (its
+max_concurrent_batches semaphore is taken only when a sealed batch starts). A
+generation batch runs for hundreds of milliseconds, so requests that arrive
+during it are split into several small sealed batches that then run one after
+another; with 16 closed-loop clients we measured batches of ~10 and ~6
+alternating. Here requests wait in one queue, and the next batch takes up to
+max_batch_size of them at the moment the previous batch ends (waiting up to
+`wait_s` for more only when fewer are queued).
+
+No Ray here: plain asyncio, one batch at a time, run on the replica's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Generic, List, Optional, TypeVar
+
+Job = TypeVar("Job")
+Item = TypeVar("Item")
+
+# What a batch runner yields per step: one entry per job, or this marker once that job is done.
+FINISHED = StopIteration
+_END = object()
+
+
+@dataclass
+class _Pending(Generic[Job]):
+    job: Job
+    items: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    largest: int = 0
+    jobs: int = 0
+
+    def record(self, size: int) -> None:
+        self.batches += 1
+        self.jobs += size
+        self.largest = max(self.largest, size)
+
+
+class StepBatcher(Generic[Job, Item]):
+    """`submit(job)` -> the job's items, as `run_batch(jobs)` yields them step by step."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[List[Job]], AsyncIterator[List[Any]]],
+        max_batch_size: int,
+        wait_s: float,
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self.stats = BatchStats()
+        self._queue: Optional[asyncio.Queue] = None
+        self._worker: Optional[asyncio.Task] = None
+
+    async def submit(self, job: Job) -> AsyncIterator[Item]:
+        pending: _Pending[Job] = _Pending(job)
+        self._ensure_worker()
+        assert self._queue is not None
+        self._queue.put_nowait(pending)
+        while (item := await pending.items.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _ensure_worker(self) -> None:
+        # Created lazily: the queue and task belong to the event loop that serves requests.
+        if self._worker is None or self._worker.done():
+            self._queue = self._queue or asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            self.stats.record(len(batch))
+            await self._run(batch)
+
+    async def _next_batch(self) -> List[_Pending[Job]]:
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    async def _run(self, batch: List[_Pending[Job]]) -> None:
+        done = [False] * len(batch)
+        try:
+            async for step in self._run_batch([p.job for p in batch]):
+                for i, (pending, item) in enumerate(zip(batch, step)):
+                    if item is FINISHED:
+                        if not done[i]:
+                            done[i] = True
+                            pending.items.put_nowait(_END)
+                    elif not done[i]:
+                        pending.items.put_nowait(item)
+        except Exception as exc:  # every waiting request fails with the batch's error
+            for i, pending in enumerate(batch):
+                if not done[i]:
+                    done[i] = True
+                    pending.items.put_nowait(exc)
+        for i, pending in enumerate(batch):
+            if not done[i]:
+                pending.items.put_nowait(_END)

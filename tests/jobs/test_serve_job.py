@@ -1,0 +1,180 @@
+"""`python jobs/serve.py ...` as users run it: config errors before Ray, detached and blocking
+serving on the session's Ray, and the whole path prepare -> pretrain -> export -> serve."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SERVE_JOB = str(REPO_ROOT / "jobs" / "serve.py")
+sys.path.insert(0, str(REPO_ROOT / "tests" / "moe_platform" / "serve"))
+from serve_test_support import API_KEY, ensure_serve_port, tiny_model_config  # noqa: E402
+
+from moe_platform.serve.client import CompletionsClient  # noqa: E402
+from moe_platform.serve.config import API_KEY_ENV  # noqa: E402
+
+RAY_STARTED = "Started a local Ray instance"
+
+
+def run_job(script: str, *overrides: str, env: dict | None = None, cwd: Path | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
+    return subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / script), *overrides],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)  # fmt: skip
+
+
+def app_overrides(export_dir: str, port: int) -> tuple[list[str], str]:
+    name = f"job-{uuid.uuid4().hex[:8]}"
+    overrides = [f"serve.export_dir={export_dir}", f"serve.app_name={name}", f"serve.route_prefix=/{name}",
+                 f"serve.port={port}", "serve.num_cpus=0.25", "serve.model_name=tiny"]  # fmt: skip
+    return overrides, name
+
+
+@pytest.fixture(scope="module")
+def job_export(tmp_path_factory) -> str:
+    from moe_platform.serve.random_export import write_random_export
+
+    return write_random_export(str(tmp_path_factory.mktemp("job") / "export"), tiny_model_config(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def session_serve_port(ray_cluster) -> int:
+    return ensure_serve_port()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["serve.export_dir=/x", "serve.max_batch_size=0"], "config error: serve.max_batch_size=0 must be >= 1"),
+        (["serve.export_dir=/no/such/export"], "config error: serve.export_dir='/no/such/export' is not a directory"),
+        (["run.output_dir=/no/run"], "config error: serve.export_dir='/no/run/export' is not a directory "
+         "(the default, <run.output_dir>/export: train first or set serve.export_dir)"),
+    ],
+    ids=["bad-value", "missing-export", "default-export-missing"],
+)
+def test_bad_serve_config_is_one_line_before_ray(overrides, message):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = run_job("serve.py", *overrides, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.stderr and RAY_STARTED not in result.stderr + result.stdout
+
+
+def compose_root(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from jobs.common import to_root_config
+    from jobs.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "jobs" / "conf"), version_base="1.3"):
+        return to_root_config(compose("config", overrides=list(overrides)))
+
+
+def test_serve_overrides_reach_the_typed_config():
+    from jobs.common import ConfigError
+    from moe_platform.serve.config import ServeConfig
+
+    config = compose_root("serve.export_dir=/e", "serve.autoscaling.max_replicas=3", "serve.num_cpus=0.25")
+    assert isinstance(config.serve, ServeConfig)
+    assert (config.serve.export_dir, config.serve.autoscaling.max_replicas, config.serve.num_cpus) == ("/e", 3, 0.25)
+    with pytest.raises(ConfigError, match=r"serve\.autoscaling\.min_replicas=4 must be <= "):
+        compose_root("serve.autoscaling.min_replicas=4")
+
+
+def test_detached_job_leaves_the_app_serving_on_the_cluster(job_env, job_export, session_serve_port):
+    from ray import serve
+
+    overrides, name = app_overrides(job_export, session_serve_port)
+    result = run_job("serve.py", *overrides, "serve.blocking=false", env={**job_env, API_KEY_ENV: API_KEY})
+    assert result.returncode == 0, result.stderr[-3000:]
+    url = f"http://127.0.0.1:{session_serve_port}/{name}"
+    assert f"serving tiny at {url}" in result.stdout
+    assert f"curl -s {url}/v1/completions" in result.stdout
+    assert "Authorization: Bearer $MOE_SERVE_API_KEY" in result.stdout
+    try:
+        assert CompletionsClient(url, api_key=None).complete(prompt="hi").status == 401
+        reply = CompletionsClient(url, api_key=API_KEY).complete(prompt="hello", max_tokens=3, temperature=0)
+        assert reply.status == 200, reply.body
+    finally:
+        serve.delete(name)
+
+
+def test_blocking_job_serves_until_ctrl_c_then_deletes_its_app(job_env, job_export, session_serve_port):
+    from ray import serve
+
+    overrides, name = app_overrides(job_export, session_serve_port)
+    process = subprocess.Popen([sys.executable, SERVE_JOB, *overrides], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=job_env)  # fmt: skip
+    try:
+        lines = _read_until(process, "serving until Ctrl-C", timeout_s=180)
+        assert any(f"/{name}" in line for line in lines)
+        health = CompletionsClient(f"http://127.0.0.1:{session_serve_port}/{name}").request("GET", "/healthz")
+        assert health.status == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        assert name not in serve.status().applications
+    finally:
+        if process.poll() is None:
+            process.kill()
+            serve.delete(name)
+
+
+def _read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> list[str]:
+    deadline, lines = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            raise AssertionError(f"the job exited ({process.returncode}) before {marker!r}:\n" + "".join(lines[-40:]))
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"no {marker!r} within {timeout_s}s:\n" + "".join(lines[-40:]))
+
+
+# ---- the whole path --------------------------------------------------------------------------
+
+_PIPELINE = ("prepare.py", "pretrain.py")
+_MISSING = [script for script in _PIPELINE if not (REPO_ROOT / "jobs" / script).exists()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_MISSING), reason=f"needs jobs/{', jobs/'.join(_MISSING)} (not written yet)")
+def test_prepare_pretrain_export_serve_complete(ray_cluster, tmp_path, session_serve_port):
+    """experiment=smoke end to end with the jobs' own functions, in this process (the job
+    scripts' start-up is tested above): the served model is the export training wrote."""
+    from jobs.common import init_ray
+    from jobs.pretrain import run_pretraining
+    from jobs.serve import resolve_export_dir
+    from moe_platform.data.prepare import prepare_dataset
+    from moe_platform.serve.app import deploy, undeploy
+
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    config = compose_root(
+        "experiment=smoke", f"data.dataset_dir={tmp_path / 'dataset'}", "data.max_bytes=300000",
+        f"run.output_dir={tmp_path / 'run'}", "trainer.max_steps=10", "trainer.eval_every=10",
+        "trainer.checkpoint_every=10", f"serve.app_name={name}", f"serve.route_prefix=/{name}",
+        f"serve.port={session_serve_port}", "serve.num_cpus=0.25", "serve.api_key=e2e-key",
+    )  # fmt: skip
+    prepare_dataset(config.data.resolved(), start_ray=init_ray)
+    trained = run_pretraining(config)  # ends with the export (run.export=true)
+    serve_config = resolve_export_dir(config)  # serve.export_dir unset: <run.output_dir>/export
+    assert os.path.samefile(serve_config.export_dir, trained.export_dir)
+    url = deploy(serve_config)
+    try:
+        client = CompletionsClient(url, api_key="e2e-key")
+        assert client.models().body["data"][0]["id"] == "run"  # named after the run directory
+        reply = client.complete(model="run", prompt="def main(", max_tokens=16, temperature=0)
+        assert reply.status == 200, reply.body
+        assert 1 <= reply.body["usage"]["completion_tokens"] <= 16
+        streamed = [e for e in client.stream(prompt="def main(", max_tokens=16, temperature=0)]
+        assert streamed[-1] == "[DONE]"
+        assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == reply.body["choices"][0]["text"]
+    finally:
+        undeploy(serve_config)

@@ -1,0 +1,31 @@
+"""Fixtures for serving tests: a tiny random export and the app running on the session's Ray.
+
+`served_app` deploys once per test module under a unique application name and route
+prefix, on the Serve HTTP proxy of the session's Ray (loopback, a free port chosen
+here unless Serve is already running), and deletes only its own application.
+"""
+from __future__ import annotations
+
+import pytest
+from serve_test_support import deploy_for_test, ensure_serve_port, tiny_model_config
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> str:
+    from moe_platform.serve.random_export import write_random_export
+
+    return write_random_export(str(tmp_path_factory.mktemp("export") / "tiny"), tiny_model_config(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    return ensure_serve_port()
+
+
+@pytest.fixture(scope="module")
+def served_app(ray_cluster, serve_port, tiny_export):
+    from ray import serve
+
+    served = deploy_for_test(tiny_export, serve_port)
+    yield served
+    serve.delete(served.config.app_name)
