@@ -75,10 +75,15 @@ def swiglu_experts(x_AD: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, w3_EFD: Tensor,
     """SwiGLU of each row through its expert; rows must be grouped by expert."""
     h_AF = F.silu(grouped_linear(x_AD, w1_EFD, counts_E, use_grouped_mm))
     h_AF = h_AF * grouped_linear(x_AD, w3_EFD, counts_E, use_grouped_mm)
-    if weight_A is not None:
-        # (h * w) @ W2 == w * (h @ W2): weighting here saves a pass over the output later.
+    # (h * w) @ W2 == w * (h @ W2): apply the combine weight on the narrower side (F or D),
+    # since it costs three elementwise passes (forward, and two in backward).
+    weight_hidden = weight_A is not None and h_AF.shape[1] <= w2_EDF.shape[1]
+    if weight_hidden:
         h_AF = h_AF * weight_A.unsqueeze(1).to(h_AF.dtype)
-    return grouped_linear(h_AF, w2_EDF, counts_E, use_grouped_mm)
+    y_AD = grouped_linear(h_AF, w2_EDF, counts_E, use_grouped_mm)
+    if weight_A is not None and not weight_hidden:
+        y_AD = y_AD * weight_A.unsqueeze(1).to(y_AD.dtype)
+    return y_AD
 
 
 class NativeExperts(DeepSpeedMoE):

@@ -1,0 +1,250 @@
+"""Typed configs of a training stage: the `trainer`, `run`, `init` and `evaluate` sections.
+
+A *stage* is one Ray Train + DeepSpeed run: a model, a dataset, an objective, an
+initialisation and an optimiser schedule. Pretraining is the first stage; later
+stages (finetune, distill, upcycle) reuse the same loop with a different
+`StageConfig`. Jobs build these dataclasses from Hydra; nothing here reads Hydra.
+
+Each `__post_init__` checks what one section can check alone and names the key.
+Checks that need two sections or the dataset (experts vs. expert-parallel size,
+vocabulary vs. manifest) live in `moe_platform.train.plan.validate_stage`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from moe import ModelConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+ZERO_STAGES = (0, 1, 2)
+
+
+class TrainConfigError(ValueError):
+    """A training config value is wrong; the message is one sentence naming the key."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TrainConfigError(message)
+
+
+@dataclass
+class TrainerConfig:
+    """How to train: parallel layout, optimiser, schedule, run length and cadences."""
+
+    # ---- parallel layout ------------------------------------------------------------------
+    num_workers: int = 1
+    # Experts are split over groups of this many workers (all-to-all inside a group);
+    # num_workers and model.moe.num_experts must both be multiples of it.
+    expert_parallel_size: int = 1
+    use_gpu: bool = False
+    # Fractional on purpose: workers holding every CPU starve Ray Data, which then hangs
+    # without an error (RAY_NOTES.md). GPU runs keep it small too.
+    cpus_per_worker: float = 0.5
+    # Intra-op threads per worker; null keeps Ray's choice (OMP_NUM_THREADS from the CPU request).
+    torch_threads: Optional[int] = None
+
+    # ---- objective and optimiser ----------------------------------------------------------
+    # What the loss is (moe_platform.train.objective.OBJECTIVES): "lm" = next-token cross-entropy
+    # plus the model's auxiliary MoE losses. Later stages add e.g. "distill".
+    objective: str = "lm"
+    zero_stage: int = 1
+    # auto: fp32 on CPU, bf16 on GPU.
+    precision: str = "auto"
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    lr: float = 3e-3
+    # Linear warmup to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step.
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    # ---- length: the run stops at whichever limit comes first (at least one set; null = no limit;
+    # the cosine schedule ends at that step) ----------------------------------------------------
+    max_steps: Optional[int] = 200
+    max_tokens: Optional[int] = None
+    max_epochs: Optional[int] = None
+
+    # ---- data ----------------------------------------------------------------------------
+    seed: int = 0
+    # Rows in each worker's shuffle buffer, reseeded every epoch from (seed, epoch, rank);
+    # 0 = read rows in stored order.
+    shuffle_buffer_rows: int = 4096
+    prefetch_batches: int = 4
+
+    # ---- cadences (in optimizer steps) ------------------------------------------------------
+    log_every: int = 10  # TensorBoard scalars and routing statistics
+    # ray.train.report is throttled (~2 s per call, RAY_NOTES.md): report every N steps.
+    report_every: int = 10
+    eval_every: int = 100  # 0 = evaluate only at the end
+    eval_batches: Optional[int] = 20  # per worker; null = the whole validation split
+    checkpoint_every: int = 100  # a checkpoint is always written at the last step too
+    # Dense peak FLOP/s of one worker's device, for the MFU estimate
+    # (e.g. 989e12 for an H100 in bf16; a laptop CPU core is ~5e10).
+    peak_flops_per_worker: float = 1e11
+
+    # ---- testing only ----------------------------------------------------------------------
+    # The last worker exits abruptly after this step, once per run (a marker file in
+    # run.output_dir remembers it), to exercise Ray Train's restart from the checkpoint.
+    fail_at_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, f"trainer.num_workers must be >= 1, got {self.num_workers}")
+        _require(
+            self.expert_parallel_size >= 1,
+            f"trainer.expert_parallel_size must be >= 1, got {self.expert_parallel_size}",
+        )
+        _require(
+            self.num_workers % self.expert_parallel_size == 0,
+            f"trainer.num_workers={self.num_workers} must be a multiple of "
+            f"trainer.expert_parallel_size={self.expert_parallel_size}",
+        )
+        _require(self.cpus_per_worker > 0, f"trainer.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _require(
+            self.torch_threads is None or self.torch_threads >= 1,
+            f"trainer.torch_threads must be >= 1 or null, got {self.torch_threads}",
+        )
+        _require(self.zero_stage in ZERO_STAGES, f"trainer.zero_stage must be one of 0, 1, 2, got {self.zero_stage}")
+        _require(
+            self.precision in PRECISIONS,
+            f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        _require(
+            not (self.precision == "bf16" and not self.use_gpu),
+            "trainer.precision=bf16 needs trainer.use_gpu=true (CPU training runs in fp32)",
+        )
+        for key in ("micro_batch_size", "grad_accum_steps", "log_every", "report_every", "checkpoint_every"):
+            value = getattr(self, key)
+            _require(value >= 1, f"trainer.{key} must be >= 1, got {value}")
+        for key in ("warmup_steps", "eval_every", "shuffle_buffer_rows", "prefetch_batches"):
+            value = getattr(self, key)
+            _require(value >= 0, f"trainer.{key} must be >= 0, got {value}")
+        _require(self.lr > 0, f"trainer.lr must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(self.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {self.weight_decay}")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            _require(0 <= value < 1, f"trainer.{key} must be in [0, 1), got {value}")
+        _require(self.eps > 0, f"trainer.eps must be > 0, got {self.eps}")
+        limits = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "max_epochs": self.max_epochs}
+        _require(
+            any(value is not None for value in limits.values()),
+            "set at least one of trainer.max_steps, trainer.max_tokens, trainer.max_epochs (the run needs an end)",
+        )
+        for key, value in limits.items():
+            _require(value is None or value >= 1, f"trainer.{key} must be >= 1 or null, got {value}")
+        _require(
+            self.eval_batches is None or self.eval_batches >= 1,
+            f"trainer.eval_batches must be >= 1 or null (the whole split), got {self.eval_batches}",
+        )
+        _require(
+            self.peak_flops_per_worker > 0,
+            f"trainer.peak_flops_per_worker must be > 0, got {self.peak_flops_per_worker}",
+        )
+        _require(
+            self.fail_at_step is None or self.fail_at_step >= 1,
+            f"trainer.fail_at_step must be >= 1 or null, got {self.fail_at_step}",
+        )
+
+    @property
+    def samples_per_step(self) -> int:
+        """Rows per optimizer step over all workers (every worker is data parallel)."""
+        return self.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how Ray Train keeps it alive.
+
+    Layout under output_dir (other jobs rely on it): config.json, config.yaml,
+    tensorboard/, checkpoints/<step_00000100>/, export/.
+    """
+
+    # A local (or shared, for multi-node clusters) directory; relative paths are made absolute
+    # by the job, since Ray workers run in other directories.
+    output_dir: str = "outputs/pretrain"
+    # Worker failures Ray Train absorbs by restarting from the latest checkpoint (-1 = forever).
+    max_failures: int = 0
+    checkpoints_to_keep: int = 2
+    # Write <output_dir>/export (safetensors + config.json + tokenizer.json) at the end.
+    export: bool = True
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir), "run.output_dir must not be empty")
+        _require(self.max_failures >= -1, f"run.max_failures must be >= -1 (-1 = forever), got {self.max_failures}")
+        _require(self.checkpoints_to_keep >= 1, f"run.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+
+
+@dataclass
+class InitConfig:
+    """Where a stage's weights come from when it is not resuming: random (seeded) or an export."""
+
+    # An export directory (model.safetensors + config.json) whose weights start this stage;
+    # its architecture must match the `model` section. null = random init from trainer.seed.
+    export_dir: Optional[str] = None
+
+
+@dataclass
+class EvaluateConfig:
+    """`jobs/evaluate.py`: perplexity and routing statistics of an export on a dataset split."""
+
+    export_dir: str = "${run.output_dir}/export"
+    split: str = "validation"
+    batch_size: int = 8
+    max_batches: Optional[int] = None  # null = the whole split
+
+    def __post_init__(self) -> None:
+        _require(bool(self.export_dir), "evaluate.export_dir must not be empty")
+        _require(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            self.max_batches is None or self.max_batches >= 1,
+            f"evaluate.max_batches must be >= 1 or null, got {self.max_batches}",
+        )
+
+
+@dataclass
+class StageConfig:
+    """Everything one training stage needs; what `build_trainer` takes and checkpoints store."""
+
+    model: ModelConfig
+    dataset_dir: str
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageConfig:
+        return dataclass_from_dict(cls, data)
+
+
+def dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a (nested) dataclass from `dataclasses.asdict` output; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = set(data) - names
+    if unknown:
+        raise TrainConfigError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    kwargs = {name: _coerce(hints[name], value) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    for candidate in typing.get_args(hint) or (hint,):  # Optional[X] -> X
+        if dataclasses.is_dataclass(candidate) and isinstance(value, dict):
+            return dataclass_from_dict(candidate, value)
+    if typing.get_origin(hint) in (tuple,) and isinstance(value, list):
+        return tuple(value)
+    return value

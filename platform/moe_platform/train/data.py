@@ -1,0 +1,152 @@
+"""Ray Data -> training batches: datasets on the driver, resumable batch streams on workers.
+
+Determinism is what makes resume exact. `DataConfig(preserve_order=True)` gives
+every worker the same row sequence in every run of the same config, so a
+worker that restarts from a checkpoint at (epoch, batches consumed) reopens
+that epoch and skips the consumed batches: nothing repeated, nothing skipped.
+Each epoch is shuffled differently by a per-worker shuffle buffer seeded from
+(seed, epoch, rank) - not by `random_shuffle`, whose per-execution reseeding
+restarts from epoch 0's order after a restart (see RAY_NOTES.md).
+
+Shapes: B = micro_batch_size rows, L = seq_len + 1 tokens per row.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from moe_platform.train.plan import LOSS_MASK_COLUMN, TrainPlan
+
+log = logging.getLogger(__name__)
+
+TRAIN, VALIDATION = "train", "validation"
+_DTYPES = {"tokens": torch.int32, LOSS_MASK_COLUMN: torch.int8}
+
+
+# ---- driver side ------------------------------------------------------------------------------
+
+
+def build_datasets(plan: TrainPlan) -> dict:
+    """{"train": ds, "validation": ds?} reading only the columns the loop uses."""
+    datasets = {TRAIN: read_columns(plan.train_paths, plan.columns)}
+    if plan.eval_batches:
+        datasets[VALIDATION] = read_columns(plan.validation_paths, plan.columns)
+    for dataset in datasets.values():
+        # Progress bars of every epoch's execution would drown the training log.
+        dataset.context.enable_progress_bars = False
+    return datasets
+
+
+def read_columns(paths, columns):
+    """A Parquet dataset (local paths or URIs) restricted to the columns the loop reads."""
+    import ray.data
+
+    return ray.data.read_parquet(list(paths)).select_columns(list(columns))
+
+
+def data_config():
+    """Identical per-worker row sequences across runs: the basis of exact resume."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    # Locality-aware splitting depends on where blocks land, which differs between runs.
+    return DataConfig(execution_options=ExecutionOptions(preserve_order=True), enable_shard_locality=False)
+
+
+# ---- worker side ------------------------------------------------------------------------------
+
+
+@dataclass
+class DataPosition:
+    """Where the next micro-batch comes from: `batches_in_epoch` already consumed in `epoch`."""
+
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + rank) % (2**31)
+
+
+class TrainBatches:
+    """An endless stream of (B, L) micro-batches over epochs, resumable at a DataPosition.
+
+    Every worker reads exactly `plan.batches_per_epoch` batches per epoch, so all
+    workers cross epoch boundaries together.
+    """
+
+    def __init__(self, shard, plan: TrainPlan, *, batch_size: int, seed: int, rank: int,
+                 shuffle_buffer_rows: int, prefetch_batches: int, device: torch.device,
+                 position: Optional[DataPosition] = None):
+        self._shard = shard
+        self._plan = plan
+        self._batch_size = batch_size
+        self._seed = seed
+        self._rank = rank
+        self._shuffle_buffer_rows = shuffle_buffer_rows
+        self._prefetch_batches = prefetch_batches
+        self._device = device
+        self.position = position or DataPosition()
+        self._batches: Optional[Iterator[dict]] = None
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.position.batches_in_epoch >= self._plan.batches_per_epoch:
+            self._close()
+            self.position = DataPosition(epoch=self.position.epoch + 1)
+        if self._batches is None:
+            self._open_epoch()
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"rank {self._rank} ran out of training rows in epoch {self.position.epoch} after "
+                f"{self.position.batches_in_epoch} of {self._plan.batches_per_epoch} batches: the dataset "
+                "changed since the run was planned (its manifest row counts no longer match the shards)"
+            ) from None
+        self.position.batches_in_epoch += 1
+        return batch
+
+    def _open_epoch(self) -> None:
+        epoch, skip = self.position.epoch, self.position.batches_in_epoch
+        shuffle = self._shuffle_buffer_rows > 0
+        self._batches = iter(
+            self._shard.iter_torch_batches(
+                batch_size=self._batch_size,
+                dtypes={column: _DTYPES[column] for column in self._plan.columns},
+                device=self._device,
+                drop_last=True,
+                prefetch_batches=self._prefetch_batches,
+                local_shuffle_buffer_size=self._shuffle_buffer_rows if shuffle else None,
+                local_shuffle_seed=shuffle_seed(self._seed, epoch, self._rank) if shuffle else None,
+            )
+        )
+        if skip:
+            # Resuming mid-epoch: the same seed and row order replay the epoch; drop what was trained on.
+            log.info("rank %d: resuming epoch %d, skipping %d consumed batches", self._rank, epoch, skip)
+            for _ in range(skip):
+                next(self._batches)
+
+    def _close(self) -> None:
+        if self._batches is not None and hasattr(self._batches, "close"):
+            self._batches.close()
+        self._batches = None
+
+
+def validation_batches(shard, plan: TrainPlan, *, batch_size: int, device: torch.device) -> Iterator[dict]:
+    """Exactly `plan.eval_batches` (B, L) batches from this worker's validation shard."""
+    batches = shard.iter_torch_batches(
+        batch_size=batch_size,
+        dtypes={column: _DTYPES[column] for column in plan.columns},
+        device=device,
+        drop_last=True,
+    )
+    for index, batch in enumerate(batches):
+        if index >= plan.eval_batches:
+            break
+        yield batch

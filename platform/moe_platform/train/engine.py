@@ -1,0 +1,91 @@
+"""DeepSpeed engine construction from the typed trainer config.
+
+One place turns `TrainerConfig` into a DeepSpeed config dict, AdamW parameter
+groups (expert parameters in their own groups, as DeepSpeed's MoE support
+requires) and a warmup + cosine schedule, then calls `deepspeed.initialize` on
+the process group Ray Train already set up.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+
+from moe.parallel import optimizer_param_groups
+from moe_platform.train.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed prints a throughput line every `steps_per_print` steps; our own metrics replace it.
+_NEVER = 10**9
+
+
+def use_bf16(trainer: TrainerConfig) -> bool:
+    """auto -> bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy for tiny models)."""
+    return trainer.use_gpu and trainer.precision in ("auto", "bf16")
+
+
+def deepspeed_config(trainer: TrainerConfig) -> dict:
+    zero: dict = {"stage": trainer.zero_stage}
+    if trainer.zero_stage == 2:
+        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=trainer.use_gpu)
+    return {
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": trainer.grad_accum_steps,
+        "train_batch_size": trainer.samples_per_step,
+        "gradient_clipping": trainer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16(trainer)},
+        # torch.optim.AdamW is the client optimizer; ZeRO wraps it whatever its class.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier after `step` optimizer steps: linear warmup, then cosine to min_lr_ratio.
+
+    Warmup starts at 1/warmup_steps rather than 0, so the first step already learns.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(model: torch.nn.Module, trainer: TrainerConfig, *, total_steps: int):
+    """-> DeepSpeed engine (wrapping `model`, optimizer and LR scheduler)."""
+    import deepspeed
+
+    # Matrices decay, norms/biases/embedding do not; expert params go to DeepSpeed's 'moe' groups
+    # (from their allreduce=False / group_name tags), whose gradients it reduces over the
+    # expert-data-parallel group only.
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, trainer.weight_decay),
+        lr=trainer.lr,
+        betas=(trainer.beta1, trainer.beta2),
+        eps=trainer.eps,
+    )
+    schedule = functools.partial(
+        warmup_cosine, warmup_steps=trainer.warmup_steps, total_steps=total_steps, min_lr_ratio=trainer.min_lr_ratio
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(trainer),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def init_deepspeed_comm(backend: str) -> None:
+    """Let DeepSpeed's comm layer wrap the torch.distributed group Ray Train created."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

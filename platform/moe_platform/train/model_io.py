@@ -1,0 +1,38 @@
+"""The model on a worker: build it, initialise it from an export, write its export.
+
+Exports use the canonical (expert-parallel- and backend-independent) state dict
+of moe/state.py, so a model trained at EP=2 loads in one process, and an
+export can start a later stage at any EP size.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moe import ModelConfig, MoETransformer, load_export_config, save_export
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def build_model(config: ModelConfig, *, expert_parallel_size: int, device: torch.device) -> MoETransformer:
+    """Weights come from the global torch RNG in canonical order: a seed gives the same model at any EP."""
+    model = MoETransformer(config, expert_parallel_size=expert_parallel_size)
+    return model.to(device)
+
+
+def load_export_weights(model: MoETransformer, export_dir: str) -> None:
+    """init.export_dir: start from an export's weights (each rank keeps its slice of the experts)."""
+    from safetensors.torch import load_file
+
+    exported = load_export_config(export_dir)
+    if exported.moe.num_experts != model.config.moe.num_experts or exported.d_model != model.config.d_model:
+        # plan.check_init_export already compared the architectures on the driver; this guards direct use.
+        raise ValueError(f"the export {export_dir} has a different architecture than the model being trained")
+    state = load_file(os.path.join(export_dir, WEIGHTS_FILE), device=str(next(model.parameters()).device))
+    model.load_canonical_state_dict(state)
+
+
+def write_model_export(model: MoETransformer, directory: str, *, tokenizer_path: str, rank: int) -> None:
+    """Collective: every rank joins the expert all-gather; global rank 0 writes the files."""
+    save_export(model, directory, tokenizer_file=tokenizer_path if rank == 0 else None)

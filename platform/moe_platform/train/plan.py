@@ -1,0 +1,197 @@
+"""The training plan: every number the workers must agree on, computed once on the driver.
+
+Workers run collectives (gradient all-reduce, expert all-to-all), so they must
+take exactly the same number of steps and evaluation batches. Those counts come
+from the manifest's row counts and the trainer config here, before any worker
+starts, and travel to the workers inside `TrainPlan`.
+
+`validate_stage` is the pre-flight check: everything that can be wrong with a
+stage (cross-section or against the dataset) fails here, as one sentence naming
+the key, instead of as a traceback from inside Ray or DeepSpeed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from moe import ModelConfig
+from moe_platform.data import Manifest
+from moe_platform.data import storage
+from moe_platform.train.config import StageConfig, TrainConfigError
+from moe_platform.train.objective import OBJECTIVES
+
+LOSS_MASK_COLUMN = "loss_mask"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Derived, agreed-upon facts of one stage (all counts per worker unless named global)."""
+
+    train_paths: tuple[str, ...]
+    validation_paths: tuple[str, ...]
+    tokenizer_path: str
+    columns: tuple[str, ...]  # Parquet columns the loop reads: "tokens" and maybe "loss_mask"
+    seq_len: int  # model inputs per row (rows hold seq_len + 1 tokens)
+    train_rows: int  # global
+    validation_rows: int  # global
+    batches_per_epoch: int  # micro-batches each worker reads per epoch
+    total_steps: int  # optimizer steps of the whole stage
+    tokens_per_step: int  # global: micro_batch * grad_accum * num_workers * seq_len
+    eval_batches: int  # validation micro-batches per worker and evaluation (0 = no validation split)
+
+    @property
+    def has_loss_mask(self) -> bool:
+        return LOSS_MASK_COLUMN in self.columns
+
+
+def check_model_fits_data(model: ModelConfig, manifest: Manifest) -> None:
+    """The model must read the dataset: raise on a vocabulary or context too small for it.
+
+    Decision: the model section is never rewritten from the manifest (ModelConfig has no
+    "unset" value, and an export must say what was trained). A larger vocab_size (a padded
+    embedding) or seq_len (a longer maximum context) is allowed, with a warning for the vocab.
+    Jobs keep them equal by default through `model.vocab_size: ${data.vocab_size}`-style
+    interpolation in the config tree.
+    """
+    if model.vocab_size < manifest.vocab_size:
+        raise TrainConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the vocabulary of the dataset "
+            f"{manifest.dataset_dir} ({manifest.vocab_size}); set model.vocab_size={manifest.vocab_size}"
+        )
+    if model.seq_len < manifest.seq_len:
+        raise TrainConfigError(
+            f"model.seq_len={model.seq_len} is shorter than the rows of the dataset {manifest.dataset_dir} "
+            f"(seq_len {manifest.seq_len}); set model.seq_len={manifest.seq_len} or prepare with "
+            f"data.seq_len={model.seq_len}"
+        )
+    if model.vocab_size > manifest.vocab_size:
+        log.warning(
+            "model.vocab_size=%d is larger than the dataset's vocabulary (%d): %d embedding rows are never used",
+            model.vocab_size, manifest.vocab_size, model.vocab_size - manifest.vocab_size,
+        )
+
+
+def validate_stage(stage: StageConfig) -> None:
+    """Checks that need more than one section (single sections check themselves)."""
+    trainer, moe = stage.trainer, stage.model.moe
+    ep = trainer.expert_parallel_size
+    if moe.num_experts % ep != 0:
+        raise TrainConfigError(
+            f"model.moe.num_experts={moe.num_experts} must be a multiple of trainer.expert_parallel_size={ep}"
+        )
+    if ep > 1 and stage.model.num_moe_layers == 0:
+        raise TrainConfigError(
+            f"trainer.expert_parallel_size={ep} needs MoE layers, but model.moe.moe_every=0 makes the model dense"
+        )
+    if trainer.objective not in OBJECTIVES:
+        raise TrainConfigError(
+            f"trainer.objective={trainer.objective!r} is not one of: {', '.join(sorted(OBJECTIVES))}"
+        )
+    if stage.init.export_dir:
+        check_init_export(stage.init.export_dir, stage.model)
+
+
+def check_init_export(export_dir: str, model: ModelConfig) -> None:
+    """init.export_dir must be an export whose parameter shapes match the model section."""
+    config_file = os.path.join(export_dir, "config.json")
+    weights_file = os.path.join(export_dir, "model.safetensors")
+    for required in (config_file, weights_file):
+        if not os.path.isfile(required):
+            raise TrainConfigError(f"init.export_dir={export_dir} is not an export: {required} is missing")
+    with open(config_file) as fh:
+        exported = json.load(fh)
+    exported_model = exported.get("model", exported)
+    ours = dataclasses.asdict(model)
+    for section, keys, prefix in ((ours, ARCHITECTURE_KEYS, "model."), (ours["moe"], MOE_ARCHITECTURE_KEYS, "model.moe.")):
+        theirs = exported_model if prefix == "model." else exported_model.get("moe", {})
+        for key in keys:
+            if key in theirs and theirs[key] != section[key]:
+                raise TrainConfigError(
+                    f"init.export_dir={export_dir} does not fit the model section: "
+                    f"{prefix}{key}={section[key]!r} but the export has {theirs[key]!r}"
+                )
+
+
+# Fields that decide parameter shapes: an export initialises only a model that agrees on them.
+# (Routing settings - top_k, capacity, loss weights, backend - may change between stages.)
+ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings")
+MOE_ARCHITECTURE_KEYS = ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden", "moe_every")
+
+
+def make_plan(stage: StageConfig, manifest: Manifest) -> TrainPlan:
+    """Count rows, batches and steps; raise if the dataset cannot feed one step."""
+    trainer = stage.trainer
+    train = manifest.split("train")
+    validation = manifest.splits.get("validation")
+    rows_per_worker = train.rows // trainer.num_workers  # streaming_split(equal=True) drops the remainder
+    batches_per_epoch = rows_per_worker // trainer.micro_batch_size  # drop_last: every batch is full
+    if batches_per_epoch < trainer.grad_accum_steps:
+        raise TrainConfigError(
+            f"the train split of {manifest.dataset_dir} has {train.rows} rows: too few for one step of "
+            f"trainer.micro_batch_size={trainer.micro_batch_size} x trainer.grad_accum_steps="
+            f"{trainer.grad_accum_steps} x trainer.num_workers={trainer.num_workers}"
+        )
+    tokens_per_step = trainer.samples_per_step * manifest.seq_len
+    columns = ["tokens"] + ([LOSS_MASK_COLUMN] if LOSS_MASK_COLUMN in manifest.columns else [])
+    return TrainPlan(
+        train_paths=tuple(manifest.split_paths("train")),
+        validation_paths=tuple(manifest.split_paths("validation")) if validation else (),
+        tokenizer_path=manifest.tokenizer_path,
+        columns=tuple(columns),
+        seq_len=manifest.seq_len,
+        train_rows=train.rows,
+        validation_rows=validation.rows if validation else 0,
+        batches_per_epoch=batches_per_epoch,
+        total_steps=total_steps(
+            max_steps=trainer.max_steps,
+            max_tokens=trainer.max_tokens,
+            max_epochs=trainer.max_epochs,
+            tokens_per_step=tokens_per_step,
+            steps_per_epoch=batches_per_epoch / trainer.grad_accum_steps,
+        ),
+        tokens_per_step=tokens_per_step,
+        eval_batches=eval_batches_per_worker(
+            validation.rows if validation else 0,
+            num_workers=trainer.num_workers,
+            batch_size=trainer.micro_batch_size,
+            cap=trainer.eval_batches,
+        ),
+    )
+
+
+def total_steps(
+    *,
+    max_steps: Optional[int],
+    max_tokens: Optional[int],
+    max_epochs: Optional[int],
+    tokens_per_step: int,
+    steps_per_epoch: float,
+) -> int:
+    """Optimizer steps until the first limit is reached (at least one limit is set)."""
+    candidates = []
+    if max_steps is not None:
+        candidates.append(max_steps)
+    if max_tokens is not None:
+        candidates.append(math.ceil(max_tokens / tokens_per_step))
+    if max_epochs is not None:
+        # Micro-batches run on across epoch boundaries, so partial steps per epoch add up.
+        candidates.append(max(1, math.floor(max_epochs * steps_per_epoch)))
+    return max(1, min(candidates))
+
+
+def eval_batches_per_worker(rows: int, *, num_workers: int, batch_size: int, cap: Optional[int]) -> int:
+    """Full validation batches every worker can read (equal on all, as the expert all-to-all needs)."""
+    available = (rows // num_workers) // batch_size
+    return available if cap is None else min(cap, available)
+
+
+def load_manifest(dataset_dir: str) -> Manifest:
+    """The dataset's manifest, with data-layer errors passed through (they name the problem)."""
+    return Manifest.load(storage.absolute(dataset_dir))
