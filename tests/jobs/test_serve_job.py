@@ -118,7 +118,8 @@ def test_blocking_job_serves_until_ctrl_c_then_deletes_its_app(job_env, job_expo
         health = CompletionsClient(f"http://127.0.0.1:{session_serve_port}/{name}").request("GET", "/healthz")
         assert health.status == 200
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        # Generous: deleting the app on a 2-core box shared with other suites can take a while.
+        assert process.wait(timeout=180) == 0
         assert name not in serve.status().applications
     finally:
         if process.poll() is None:
