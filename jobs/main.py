@@ -10,27 +10,20 @@ the export are, and the command that opens TensorBoard.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 from jobs.common import init_ray, job
 from jobs.config import RootConfig
 from jobs.evaluate import run_evaluation
+from jobs.prepare import run_prepare
 from jobs.pretrain import run_pretraining
-from moe_platform.data import DataError
-from moe_platform.data.prepare import prepare_dataset
 
 
 @job
 def main(config: RootConfig) -> None:
     started = time.perf_counter()
     init_ray()  # one Ray instance for every step
-    try:
-        prepared = prepare_dataset(config.data.resolved(), start_ray=init_ray)
-    except DataError as exc:
-        print(f"data error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    print(prepared.summary())
+    run_prepare(config)
     trained = run_pretraining(config)  # ends with the export of the last checkpoint (run.export)
     config.evaluate.export_dir = trained.export_dir or config.evaluate.export_dir
     report = run_evaluation(config)

@@ -16,8 +16,8 @@ from moe_platform.data import DataError
 from moe_platform.data.prepare import prepare_dataset
 
 
-@job
-def main(config: RootConfig) -> None:
+def run_prepare(config: RootConfig):
+    """Prepare `config.data`, print the summary; a data problem exits 1 with one line."""
     try:
         # resolved(): relative paths are made absolute here, where the user's cwd is known.
         result = prepare_dataset(config.data.resolved(), start_ray=init_ray)
@@ -25,6 +25,12 @@ def main(config: RootConfig) -> None:
         print(f"data error: {exc}", file=sys.stderr)
         sys.exit(1)
     print(result.summary())
+    return result
+
+
+@job
+def main(config: RootConfig) -> None:
+    run_prepare(config)
 
 
 if __name__ == "__main__":
