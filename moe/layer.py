@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .deepspeed_backend import DeepSpeedExperts
 from .experts import WEIGHT_NAMES, NativeExperts, SwiGLU
 from .router import RouteInfo, Router, load_balancing_loss, routing_stats, z_loss
+from .state import merged_state
 
 
 class MoELayer(nn.Module):
@@ -85,7 +86,9 @@ class MoELayer(nn.Module):
         if not grads and self.router is not None and self.router.balance_bias is not None:
             out[f"{prefix}router.balance_bias"] = self.router.balance_bias.detach()
         if self.shared is not None:
-            for name, p in self.shared.named_parameters():
+            # merged_state reads LoRA-adapted weights (moe/peft.py) merged, under their plain names.
+            shared = self.shared.named_parameters() if grads else merged_state(self.shared).items()
+            for name, p in shared:
                 out[f"{prefix}shared.{name}"] = (p.grad if grads else p).detach()
         return out
 

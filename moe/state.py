@@ -18,7 +18,8 @@
 
 Expert e's SwiGLU is w2[e] @ (silu(w1[e] @ x) * (w3[e] @ x)). Exports (safetensors)
 store exactly this; the model's own `state_dict()` differs by backend (and, for
-expert weights, takes DeepSpeed's per-expert key layout).
+expert weights, takes DeepSpeed's per-expert key layout). A model with LoRA adapters
+(moe/peft.py) gives its merged weights here; loading into such a model is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from .config import ModelConfig
 
@@ -82,9 +84,27 @@ def _moe_prefixes(model: "MoETransformer") -> dict[str, object]:
     return {f"layers.{i}.ffn.": layer for i, layer in model.moe_layers()}
 
 
+def merged_state(module: torch.nn.Module) -> dict[str, Tensor]:
+    """module.state_dict() with each parametrized tensor (a LoRA adapter, moe/peft.py) under its
+    plain name and read through its parametrization: the merged weight W + scale * B @ A."""
+    sd = {k: v for k, v in module.state_dict().items() if "parametrizations." not in k}
+    with torch.no_grad():
+        for name, m in module.named_modules():
+            for tensor in getattr(m, "parametrizations", {}):
+                sd[f"{name}.{tensor}" if name else tensor] = getattr(m, tensor)
+    return sd
+
+
+def _has_adapters(model: "MoETransformer") -> bool:
+    return any(parametrize.is_parametrized(m) for m in model.modules())
+
+
 def canonical_state_dict(model: "MoETransformer", grads: bool = False) -> dict[str, Tensor]:
+    if grads and _has_adapters(model):
+        raise ValueError("canonical gradients are not defined for a model with LoRA adapters (only the "
+                         "adapters have gradients).")
     moe = _moe_prefixes(model)
-    items = model.named_parameters() if grads else model.state_dict().items()
+    items = model.named_parameters() if grads else merged_state(model).items()
     sd = {}
     for key, t in items:
         if key.startswith(tuple(moe)) or (model.config.tie_embeddings and key == "lm_head.weight"):
@@ -97,6 +117,9 @@ def canonical_state_dict(model: "MoETransformer", grads: bool = False) -> dict[s
 
 @torch.no_grad()
 def load_canonical_state_dict(model: "MoETransformer", sd: dict[str, Tensor]) -> None:
+    if _has_adapters(model):
+        raise ValueError("load_canonical_state_dict() cannot load into a model with LoRA adapters: load the base "
+                         "weights before apply_peft(), and adapters with moe.peft.load_adapter().")
     expected = canonical_shapes(model.config)
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
