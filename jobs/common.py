@@ -74,11 +74,15 @@ def _error_chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def job(fn: Callable[[RootConfig], object]) -> Callable[[], None]:
+def job(fn: Callable[[RootConfig], object] | None = None, *, defaults: tuple[str, ...] = ()):
     """Decorate a job's main: Hydra parses overrides, `fn` gets the validated RootConfig.
 
-    Exits 2 with `config error: <sentence>` for a bad config, before Ray starts.
+    `defaults`: overrides this job applies before the user's (a finetune job's own run
+    directory, learning rate, ...), so the user's win. Exits 2 with
+    `config error: <sentence>` for a bad config, before Ray starts.
     """
+    if fn is None:
+        return lambda function: job(function, defaults=defaults)
     register_configs()
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -93,6 +97,7 @@ def job(fn: Callable[[RootConfig], object]) -> Callable[[], None]:
 
     @functools.wraps(fn)
     def main() -> None:
+        sys.argv[1:1] = list(defaults)
         overrides = sys.argv[1:]
         # Hydra reports a bad override in a multi-line block; compose once ourselves so the
         # user gets one line naming the key. Hydra's own flags (--help, --cfg, -m) go straight on.
@@ -119,3 +124,53 @@ def init_ray(num_cpus: int | None = None) -> None:
         # No cluster given: a local instance sized to this machine. The dashboard stays on:
         # without it Tune leaks placement groups of trials that ASHA stops (RAY_NOTES.md).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
+
+
+def compose_config(overrides: list[str]) -> RootConfig:
+    """The typed config tree for these overrides (a pipeline composes one per stage)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    register_configs()
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a @job: Hydra already knows jobs/conf
+            return to_root_config(compose(config_name="config", overrides=overrides))
+        with initialize_config_module(config_module="jobs.conf", version_base="1.3"):
+            return to_root_config(compose(config_name="config", overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_describe_hydra_error(exc)) from None
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides this job was started with (its `defaults` first)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
+def model_from_export(config: RootConfig, export_dir: str, overrides: list[str]):
+    """The model section of a stage that starts from an export: the export's architecture, with
+    the `model.*` keys given explicitly in `overrides` (e.g. model.moe.capacity_factor) on top."""
+    import dataclasses
+
+    from moe import ModelConfig, load_export_config
+
+    try:
+        exported = dataclasses.asdict(load_export_config(export_dir))
+    except FileNotFoundError:
+        raise ConfigError(f"init.export_dir={export_dir} is not an export (no config.json)") from None
+    ours = dataclasses.asdict(config.model)
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not key.startswith("model."):
+            continue
+        path = key.split(".")[1:]
+        source, target = ours, exported
+        for part in path[:-1]:
+            source, target = source[part], target[part]
+        target[path[-1]] = source[path[-1]]
+    try:
+        return ModelConfig.from_dict(exported)
+    except ValueError as exc:
+        raise ConfigError(_first_line(exc)) from None

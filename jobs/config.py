@@ -8,13 +8,23 @@ an unknown key or a wrong type fails at parse time, naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import List
 
 from hydra.core.config_store import ConfigStore
 
 from moe import ModelConfig
+from moe.peft import PeftConfig
 from moe_platform.data import DataConfig
 from moe_platform.serve.config import ServeConfig
-from moe_platform.train.config import EvaluateConfig, InitConfig, RunConfig, TrainerConfig
+from moe_platform.stages.config import PipelineConfig, PruneConfig, UpcycleConfig
+from moe_platform.train.config import (
+    DistillConfig,
+    EvaluateConfig,
+    InitConfig,
+    RunConfig,
+    TaskConfig,
+    TrainerConfig,
+)
 from moe_platform.tune.config import TuneConfig
 
 
@@ -29,6 +39,14 @@ class RootConfig:
     run: RunConfig = field(default_factory=RunConfig)
     init: InitConfig = field(default_factory=InitConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Later stages (moe_platform.stages, moe.peft): LoRA / freezing, distillation, a multi-task
+    # mixture, the upcycle and prune transforms, and the pipeline that chains stages.
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    tasks: List[TaskConfig] = field(default_factory=list)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     # Sections are added here by the package that owns them (data, trainer, run, tune, serve, ...).
 
 

@@ -1,10 +1,13 @@
-"""Evaluate an export: perplexity and routing statistics on a prepared dataset split.
+"""Evaluate exports: one export's perplexity and routing statistics, or several side by side.
 
     python jobs/evaluate.py                                         # <run.output_dir>/export on validation
     python jobs/evaluate.py evaluate.export_dir=outputs/pretrain/export evaluate.split=train \
         evaluate.max_batches=50 data.dataset_dir=outputs/dataset
+    python jobs/evaluate.py 'evaluate.compare=[outputs/pretrain/export,outputs/prune/export,outputs/pretrain/export+int8]'
 
-Writes the numbers as JSON next to the export (evaluation_<split>.json) and prints a summary.
+One export: writes evaluation_<split>.json next to it and prints a summary. A comparison
+prints a table (held-out loss, perplexity, total/active parameters, MB on disk, generation
+tokens/s) and writes it as comparison.json + a PNG chart (evaluate.chart).
 """
 from __future__ import annotations
 
@@ -37,9 +40,39 @@ def run_evaluation(config: RootConfig) -> EvaluationReport:
     return report
 
 
+def run_comparison(config: RootConfig) -> list:
+    from moe_platform.stages.compare import compare_exports, format_table, parse_entry, write_chart
+
+    settings = config.evaluate
+    try:
+        first_dir, _ = parse_entry(settings.compare[0])
+        for entry in settings.compare:
+            parse_entry(entry)
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    init_ray()
+    try:
+        rows = compare_exports(settings.compare, config.data.resolved().dataset_dir, split=settings.split,
+                               batch_size=settings.batch_size, max_batches=settings.compare_max_batches)
+    except (DataError, ValueError) as exc:
+        print(f"evaluation failed: {exc}", file=sys.stderr)
+        sys.exit(1)
+    chart = os.path.abspath(settings.chart or os.path.join(os.path.dirname(first_dir), "comparison.png"))
+    write_chart(rows, chart)
+    with open(os.path.splitext(chart)[0] + ".json", "w") as fh:
+        json.dump([row.to_dict() for row in rows], fh, indent=2)
+    print(format_table(rows))
+    print(f"chart  {chart}")
+    return rows
+
+
 @job
 def main(config: RootConfig) -> None:
-    print(run_evaluation(config).summary())
+    if config.evaluate.compare:
+        run_comparison(config)
+    else:
+        print(run_evaluation(config).summary())
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from moe_platform.train import (
 def pretrain_stage(config: RootConfig) -> StageConfig:
     """The pretraining stage of a config tree (tune trials and main.py use the same sections)."""
     return StageConfig(model=config.model, dataset_dir=config.data.resolved().dataset_dir,
-                       trainer=config.trainer, run=config.run, init=config.init)
+                       trainer=config.trainer, run=config.run, init=config.init, peft=config.peft,
+                       distill=config.distill, tasks=config.tasks)
 
 
 def run_pretraining(config: RootConfig) -> TrainResult:

@@ -131,7 +131,7 @@ class CompletionServer:
         self.config = ServeConfig(**config)
         # One thread per replica: replicas scale out across cores instead of fighting over them.
         torch.set_num_threads(self.config.torch_threads)
-        self.engine = Engine.load(export_dir, device=self.config.device)
+        self.engine = Engine.load(export_dir, device=self.config.device, quantize=self.config.quantize)
         self.model_name = self.config.served_model_name(export_dir)
         self._api_key = api_key
         self._limits = RequestLimits(

@@ -45,6 +45,9 @@ class AutoscalingConfig:
         return asdict(self)
 
 
+QUANTIZE_MODES = ("none", "int8")
+
+
 @dataclass
 class ServeConfig:
     # The export directory written by training (model.safetensors, config.json, tokenizer.json).
@@ -79,6 +82,10 @@ class ServeConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     torch_threads: int = 1
+    # Weights as served: "none" (as exported, fp32) or "int8" - dynamic int8 quantization of the
+    # linear layers and routed experts (moe.quantize), for CPU replicas: smaller and faster
+    # per token, at a small held-out loss change (benchmarks/compression.py records both).
+    quantize: str = "none"
     # Health checks: Serve calls check_health every period and restarts a replica that fails.
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
@@ -111,6 +118,10 @@ class ServeConfig:
         _require(self.num_gpus >= 0, f"serve.num_gpus={self.num_gpus} must be >= 0")
         _require(self.num_cpus > 0 or self.num_gpus > 0, "serve.num_cpus and serve.num_gpus must not both be 0")
         _require(self.torch_threads >= 1, f"serve.torch_threads={self.torch_threads} must be >= 1")
+        _require(self.quantize in QUANTIZE_MODES,
+                 f"serve.quantize={self.quantize!r} must be one of {', '.join(QUANTIZE_MODES)}")
+        _require(not (self.quantize == "int8" and self.num_gpus > 0),
+                 "serve.quantize=int8 is for CPU replicas (dynamic int8 kernels run on CPU); set serve.num_gpus=0")
         _require(
             self.health_check_period_s > 0, f"serve.health_check_period_s={self.health_check_period_s} must be > 0"
         )

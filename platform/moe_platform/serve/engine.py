@@ -76,8 +76,9 @@ class Engine:
         self.vocab_size = int(_model_field(model, "vocab_size"))
 
     @classmethod
-    def load(cls, export_dir: str, device: str = "cpu") -> "Engine":
-        """safetensors + config.json + tokenizer.json; nothing is unpickled."""
+    def load(cls, export_dir: str, device: str = "cpu", quantize: str = "none") -> "Engine":
+        """safetensors + config.json + tokenizer.json; nothing is unpickled. quantize="int8":
+        dynamic int8 linear layers and experts (CPU)."""
         from moe import load_export
         from tokenizers import Tokenizer
 
@@ -85,6 +86,10 @@ class Engine:
         # The native backend serves any export (deepspeed-trained ones too): the same function
         # with no token dropped, and no torch.distributed process group needed in the replica.
         model = load_export(export_dir, backend="native", device=device)
+        if quantize == "int8":
+            from moe.quantize import quantize_int8
+
+            model = quantize_int8(model)
         tokenizer = Tokenizer.from_file(os.path.join(export_dir, "tokenizer.json"))
         return cls(model.eval(), tokenizer)
 

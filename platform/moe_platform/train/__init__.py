@@ -9,10 +9,12 @@ done, run directory claimed); `train(stage)` also fits, exports and returns a
 directory; `evaluate_export(...)` scores an export on a dataset split.
 """
 from moe_platform.train.config import (
+    DistillConfig,
     EvaluateConfig,
     InitConfig,
     RunConfig,
     StageConfig,
+    TaskConfig,
     TrainConfigError,
     TrainerConfig,
 )
@@ -43,6 +45,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "CheckpointError",
+    "DistillConfig",
+    "TaskConfig",
     "EvaluateConfig",
     "EvaluationReport",
     "InitConfig",

@@ -60,13 +60,18 @@ class TrainState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # global tokens trained on
     position: DataPosition = field(default_factory=DataPosition)
+    # Multi-task mixtures only: micro-batches drawn so far and each task's own stream position.
+    draws: int = 0
+    task_positions: dict[str, DataPosition] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        return cls(step=data["step"], tokens=data["tokens"], position=DataPosition(**data["position"]))
+        return cls(step=data["step"], tokens=data["tokens"], position=DataPosition(**data["position"]),
+                   draws=data.get("draws", 0),
+                   task_positions={name: DataPosition(**pos) for name, pos in data.get("task_positions", {}).items()})
 
 
 def checkpoint_dir_name(step: int) -> str:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from moe import ModelConfig
+from moe.peft import PeftConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ZERO_STAGES = (0, 1, 2)
@@ -49,7 +50,8 @@ class TrainerConfig:
 
     # ---- objective and optimiser ----------------------------------------------------------
     # What the loss is (moe_platform.train.objective.OBJECTIVES): "lm" = next-token cross-entropy
-    # plus the model's auxiliary MoE losses. Later stages add e.g. "distill".
+    # plus the model's auxiliary MoE losses; "distill" = that plus a KL term towards a teacher
+    # export's logits (the `distill` section).
     objective: str = "lm"
     zero_stage: int = 1
     # auto: fp32 on CPU, bf16 on GPU.
@@ -200,6 +202,12 @@ class EvaluateConfig:
     split: str = "validation"
     batch_size: int = 8
     max_batches: Optional[int] = None  # null = the whole split
+    # Several exports side by side instead (an entry "<dir>+int8" = that export quantized to int8):
+    # held-out loss, perplexity, total/active parameters, size on disk, generation tokens/s.
+    compare: List[str] = field(default_factory=list)
+    # The comparison's PNG chart; null = <first export's parent>/comparison.png.
+    chart: Optional[str] = None
+    compare_max_batches: Optional[int] = 20  # held-out batches per export in a comparison
 
     def __post_init__(self) -> None:
         _require(bool(self.export_dir), "evaluate.export_dir must not be empty")
@@ -211,14 +219,54 @@ class EvaluateConfig:
 
 
 @dataclass
+class TaskConfig:
+    """One dataset of a multi-task mixture (the `tasks` list): a prepared dataset and its weight."""
+
+    name: str = ""
+    dataset_dir: str = ""
+    # Relative share of micro-batches drawn from this task (normalised over the list).
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+                 f"tasks: name {self.name!r} must be a non-empty word (letters, digits, _ or -)")
+        _require(bool(self.dataset_dir), f"tasks.{self.name}.dataset_dir must not be empty")
+        _require(self.weight > 0, f"tasks.{self.name}.weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class DistillConfig:
+    """trainer.objective=distill: learn from a teacher export's logits (Hinton et al. 2015).
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * (student's own loss)
+    over the tokens that count (the loss mask, if any). The teacher runs frozen on every worker.
+    """
+
+    teacher_export_dir: Optional[str] = None
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        _require(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
+
+
+@dataclass
 class StageConfig:
-    """Everything one training stage needs; what `build_trainer` takes and checkpoints store."""
+    """Everything one training stage needs; what `build_trainer` takes and checkpoints store.
+
+    Data: `dataset_dir`, or - when `tasks` is not empty - a weighted mixture of several prepared
+    datasets (dataset_dir is then unused); validation is reported per task and overall.
+    """
 
     model: ModelConfig
     dataset_dir: str
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    tasks: List[TaskConfig] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,6 +290,9 @@ def dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
 def _coerce(hint: Any, value: Any) -> Any:
     if value is None:
         return None
+    if typing.get_origin(hint) in (list, List) and isinstance(value, list):
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(item, v) for v in value]
     for candidate in typing.get_args(hint) or (hint,):  # Optional[X] -> X
         if dataclasses.is_dataclass(candidate) and isinstance(value, dict):
             return dataclass_from_dict(candidate, value)

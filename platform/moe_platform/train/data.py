@@ -13,6 +13,8 @@ Shapes: B = micro_batch_size rows, L = seq_len + 1 tokens per row.
 from __future__ import annotations
 
 import logging
+import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -29,11 +31,23 @@ _DTYPES = {"tokens": torch.int32, LOSS_MASK_COLUMN: torch.int8}
 # ---- driver side ------------------------------------------------------------------------------
 
 
+def train_name(task: str = "") -> str:
+    """The dataset name a worker asks for: "train", or "train.<task>" in a mixture."""
+    return f"{TRAIN}.{task}" if task else TRAIN
+
+
+def validation_name(task: str = "") -> str:
+    return f"{VALIDATION}.{task}" if task else VALIDATION
+
+
 def build_datasets(plan: TrainPlan) -> dict:
-    """{"train": ds, "validation": ds?} reading only the columns the loop uses."""
-    datasets = {TRAIN: read_columns(plan.train_paths, plan.columns)}
-    if plan.eval_batches:
-        datasets[VALIDATION] = read_columns(plan.validation_paths, plan.columns)
+    """{"train": ds, "validation": ds?} (or per task of a mixture) reading only the columns the loop uses."""
+    datasets = {}
+    for task in plan.tasks or (plan,):
+        name = getattr(task, "name", "")
+        datasets[train_name(name)] = read_columns(task.train_paths, task.columns)
+        if task.eval_batches:
+            datasets[validation_name(name)] = read_columns(task.validation_paths, task.columns)
     for dataset in datasets.values():
         # Progress bars of every epoch's execution would drown the training log.
         dataset.context.enable_progress_bars = False
@@ -136,6 +150,47 @@ class TrainBatches:
         if self._batches is not None and hasattr(self._batches, "close"):
             self._batches.close()
         self._batches = None
+
+
+class MixtureBatches:
+    """Micro-batches drawn from several tasks' streams by weight (StageConfig.tasks).
+
+    Draw n picks its task from a generator seeded by (seed, n) alone - the same on every
+    rank - so all workers read the same number of batches from each task and cross each
+    task's epoch boundaries together (Ray Data's streaming split starts an epoch only when
+    every worker asks for it). Resuming restores the draw count and every task's position.
+    """
+
+    def __init__(self, streams: dict[str, TrainBatches], weights: dict[str, float], *, seed: int,
+                 batches_per_epoch: int, draws: int = 0):
+        self._streams, self._seed, self._batches_per_epoch = streams, seed, batches_per_epoch
+        self._names = list(streams)
+        self._weights = [weights[name] for name in self._names]
+        self.draws = draws
+
+    def __iter__(self) -> MixtureBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        chooser = random.Random(self._seed * 1_000_003 + self.draws)
+        name = chooser.choices(self._names, weights=self._weights)[0]
+        self.draws += 1
+        return next(self._streams[name])
+
+    @property
+    def position(self) -> DataPosition:
+        """The mixture's own epoch (draws // batches_per_epoch), for progress and logs."""
+        return DataPosition(epoch=self.draws // self._batches_per_epoch,
+                            batches_in_epoch=self.draws % self._batches_per_epoch)
+
+    @property
+    def task_positions(self) -> dict[str, DataPosition]:
+        return {name: dataclasses.replace(stream.position) for name, stream in self._streams.items()}
+
+
+def task_seed(seed: int, task_index: int) -> int:
+    """Each task's shuffle stream differs from the others' (and from a single-task run's for index > 0)."""
+    return seed + 7_777_777 * task_index
 
 
 def validation_batches(shard, plan: TrainPlan, *, batch_size: int, device: torch.device) -> Iterator[dict]:

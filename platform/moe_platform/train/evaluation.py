@@ -36,12 +36,28 @@ def token_loss_sum(model: torch.nn.Module, batches: Iterable[dict]) -> tuple[flo
     return loss_sum, tokens
 
 
-def distributed_validation(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
-    """Validation loss and perplexity over all workers' batches (every rank must call it)."""
+def distributed_validation_sums(model: torch.nn.Module, batches: Iterable[dict]) -> tuple[float, float]:
+    """(loss sum, token count) over all workers' batches (every rank must call it)."""
     loss_sum, tokens = token_loss_sum(model, batches)
     totals = all_reduce_sum(torch.tensor([loss_sum, float(tokens)], dtype=torch.float64))
-    loss = float(totals[0] / max(totals[1], 1.0))
-    return {"val/loss": loss, "val/perplexity": safe_exp(loss)}
+    return float(totals[0]), float(totals[1])
+
+
+def distributed_validation(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
+    """Validation loss and perplexity over all workers' batches (every rank must call it)."""
+    return combine_validation({"": distributed_validation_sums(model, batches)})
+
+
+def combine_validation(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{task: (loss sum, tokens)} -> val/loss and val/perplexity over all tokens, plus
+    val/<task>/loss and val/<task>/perplexity for each named task of a mixture."""
+    values = {}
+    for task, (loss_sum, tokens) in sums.items():
+        if task:
+            loss = loss_sum / max(tokens, 1.0)
+            values.update({f"val/{task}/loss": loss, f"val/{task}/perplexity": safe_exp(loss)})
+    loss = sum(s for s, _ in sums.values()) / max(sum(t for _, t in sums.values()), 1.0)
+    return {"val/loss": loss, "val/perplexity": safe_exp(loss), **values}
 
 
 def safe_exp(loss: float) -> float:
@@ -109,11 +125,13 @@ def evaluate_export(
     split: str = "validation",
     batch_size: int = 8,
     max_batches: Optional[int] = None,
+    model: Optional[torch.nn.Module] = None,
 ) -> EvaluationReport:
     """Perplexity and routing statistics of an export on a prepared split, in this process.
 
     Rows stream through Ray Data (local paths or URIs); the model runs on CPU at
-    expert-parallel size 1, whatever it was trained with.
+    expert-parallel size 1, whatever it was trained with. `model`: that export already
+    loaded (and perhaps transformed, e.g. quantized) by the caller.
     """
     from moe import load_export
     from moe_platform.train.data import read_columns
@@ -123,7 +141,7 @@ def evaluate_export(
     paths = manifest.split_paths(split)
     if not paths:
         raise ValueError(f"split {split!r} of {manifest.dataset_dir} has no rows to evaluate")
-    model = load_export(export_dir)
+    model = model if model is not None else load_export(export_dir)
     _check_fits(model, manifest, export_dir)
     model.set_routing_stats(True)
     columns = ["tokens"] + ([LOSS_MASK_COLUMN] if LOSS_MASK_COLUMN in manifest.columns else [])

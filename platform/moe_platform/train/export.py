@@ -26,6 +26,7 @@ from moe_platform.train.checkpointing import (
 
 log = logging.getLogger(__name__)
 
+ADAPTER_DIR = "adapter"  # model_io.ADAPTER_DIR (not imported: this module stays free of torch)
 EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 _CHECKPOINTS_DIR = "checkpoints"
 
@@ -65,6 +66,8 @@ def export_checkpoint(path: str, output_dir: str) -> str:
     os.makedirs(temporary)
     for name in EXPORT_FILES:
         shutil.copy2(os.path.join(source, name), os.path.join(temporary, name))
+    if os.path.isdir(os.path.join(source, ADAPTER_DIR)):  # a LoRA stage: the adapters alone, too
+        shutil.copytree(os.path.join(source, ADAPTER_DIR), os.path.join(temporary, ADAPTER_DIR))
     _write_provenance(temporary, checkpoint)
     if os.path.isdir(output_dir):
         shutil.rmtree(output_dir)

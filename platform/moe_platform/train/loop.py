@@ -15,6 +15,7 @@ all ranks compute identically, so no rank waits for one that skipped it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -25,9 +26,16 @@ import torch
 
 from moe_platform.train.checkpointing import TrainState, checkpoint_dir_name, restore_checkpoint, write_checkpoint
 from moe_platform.train.config import StageConfig
-from moe_platform.train.data import TRAIN, VALIDATION, TrainBatches, validation_batches
+from moe_platform.train.data import (
+    MixtureBatches,
+    TrainBatches,
+    task_seed,
+    train_name,
+    validation_batches,
+    validation_name,
+)
 from moe_platform.train.engine import build_engine, init_deepspeed_comm
-from moe_platform.train.evaluation import distributed_validation
+from moe_platform.train.evaluation import combine_validation, distributed_validation_sums
 from moe_platform.train.metrics import TensorBoardLog, ThroughputMeter, aggregate_routing, all_reduce_sum
 from moe_platform.train.model_io import build_model, load_export_weights, write_model_export
 from moe_platform.train.objective import build_objective
@@ -36,7 +44,6 @@ from moe_platform.train.plan import TrainPlan
 log = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tensorboard"
-_LOSS_TERMS = ("lm", "balance", "z")
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -75,17 +82,28 @@ class _StageRun:
                                  device=self.device)
         if checkpoint is None and stage.init.export_dir:
             load_export_weights(self.model, stage.init.export_dir)
+        if stage.peft.enabled:
+            # After the initial weights, before the engine: DeepSpeed's optimizer sees only what trains.
+            from moe.peft import apply_peft
+
+            counts = apply_peft(self.model, stage.peft)
+            if self.rank == 0:
+                log.info("peft: %s trainable of %s parameters on this rank", f"{counts['trainable']:,}",
+                         f"{counts['total']:,}")
         self.engine = build_engine(self.model, self.trainer, total_steps=plan.total_steps)
         self.state = self._resume(checkpoint) if checkpoint is not None else self._fresh_start()
-        self.objective = build_objective(stage)
-        self.batches = TrainBatches(
-            ray.train.get_dataset_shard(TRAIN), plan,
-            batch_size=self.trainer.micro_batch_size, seed=self.trainer.seed, rank=self.rank,
-            shuffle_buffer_rows=self.trainer.shuffle_buffer_rows, prefetch_batches=self.trainer.prefetch_batches,
-            device=self.device, position=self.state.position,
-        )
-        self.validation_shard = ray.train.get_dataset_shard(VALIDATION) if plan.eval_batches else None
-        self._validation_cache: Optional[list[dict]] = None
+        self.objective = build_objective(stage, self.device)
+        self.terms = tuple(self.objective.terms)
+        # task name ("" for a single dataset) -> the plan its streams read by
+        self.task_plans = {"": plan} if not plan.tasks else {
+            task.name: dataclasses.replace(plan, tasks=(), columns=task.columns,
+                                           batches_per_epoch=task.batches_per_epoch, eval_batches=task.eval_batches)
+            for task in plan.tasks
+        }
+        self.batches = self._train_batches()
+        self.validation_shards = {name: ray.train.get_dataset_shard(validation_name(name))
+                                  for name, task_plan in self.task_plans.items() if task_plan.eval_batches}
+        self._validation_cache: Optional[dict[str, list[dict]]] = None
         self.tensorboard = TensorBoardLog(
             os.path.join(stage.run.output_dir, TENSORBOARD_DIR) if self.rank == 0 else None,
             purge_step=self.state.step + 1 if self.state.step else None,
@@ -95,7 +113,7 @@ class _StageRun:
             train_flops_per_token=stage.model.flops_per_token,
             peak_flops=self.trainer.peak_flops_per_worker * self.world_size,
         )
-        self._interval_sums = torch.zeros(len(_LOSS_TERMS) + 1, dtype=torch.float64, device=self.device)
+        self._interval_sums = torch.zeros(len(self.terms) + 1, dtype=torch.float64, device=self.device)
         self._interval_micro_batches = 0
         self._routing_collected = False
         self.latest: dict[str, float] = {}
@@ -113,6 +131,29 @@ class _StageRun:
         log.info("rank %d resumed at step %d (epoch %d, batch %d) from %s", self.rank, state.step,
                  state.position.epoch, state.position.batches_in_epoch, checkpoint.path)
         return state
+
+    def _train_batches(self):
+        """One dataset's stream, or a weighted mixture of the tasks' streams."""
+        import ray.train
+
+        def stream(task_plan: TrainPlan, name: str, seed: int, position) -> TrainBatches:
+            return TrainBatches(
+                ray.train.get_dataset_shard(train_name(name)), task_plan,
+                batch_size=self.trainer.micro_batch_size, seed=seed, rank=self.rank,
+                shuffle_buffer_rows=self.trainer.shuffle_buffer_rows,
+                prefetch_batches=self.trainer.prefetch_batches, device=self.device, position=position,
+            )
+
+        plan = self.plan
+        if not plan.tasks:
+            return stream(plan, "", self.trainer.seed, self.state.position)
+        streams = {
+            task.name: stream(self.task_plans[task.name], task.name, task_seed(self.trainer.seed, index),
+                              self.state.task_positions.get(task.name))
+            for index, task in enumerate(plan.tasks)
+        }
+        return MixtureBatches(streams, {task.name: task.weight for task in plan.tasks}, seed=self.trainer.seed,
+                              batches_per_epoch=plan.batches_per_epoch, draws=self.state.draws)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -148,12 +189,14 @@ class _StageRun:
         self.state.step += 1
         self.state.tokens += self.plan.tokens_per_step
         self.state.position = self.batches.position
+        if isinstance(self.batches, MixtureBatches):
+            self.state.draws, self.state.task_positions = self.batches.draws, self.batches.task_positions
         self.meter.add_step(time.perf_counter() - started, data_wait)
 
     def _accumulate(self, output) -> None:
         # Summed where the loss lives: no host sync per micro-batch on a GPU.
         zero = torch.zeros((), device=output.loss.device)
-        terms = [output.loss.detach()] + [output.metrics.get(name, zero) for name in _LOSS_TERMS]
+        terms = [output.loss.detach()] + [output.metrics.get(name, zero) for name in self.terms]
         self._interval_sums += torch.stack([t.detach().double() for t in terms])
         self._interval_micro_batches += 1
 
@@ -187,7 +230,7 @@ class _StageRun:
         self._interval_micro_batches = 0
         scalars = {
             "train/loss": float(means[0]),
-            **{f"train/{name}_loss": float(value) for name, value in zip(_LOSS_TERMS, means[1:])},
+            **{f"train/{name}_loss": float(value) for name, value in zip(self.terms, means[1:])},
             "train/lr": float(self._lr),
             "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
             **{f"perf/{name}": value for name, value in self.meter.snapshot().items()},
@@ -204,7 +247,9 @@ class _StageRun:
     def _validate(self, step: int) -> None:
         if not self.plan.eval_batches:
             return
-        values = distributed_validation(self.engine, self._validation_batches())
+        sums = {task: distributed_validation_sums(self.engine, batches)
+                for task, batches in self._validation_batches().items()}
+        values = combine_validation(sums)
         self.tensorboard.scalars(step, values)
         self.tensorboard.flush()
         self.latest.update(values)
@@ -212,11 +257,14 @@ class _StageRun:
             log.info("step %d: validation loss %.4f, perplexity %.2f", step, values["val/loss"],
                      values["val/perplexity"])
 
-    def _validation_batches(self) -> list[dict]:
+    def _validation_batches(self) -> dict[str, list[dict]]:
         """Read once, then kept: a fresh Ray Data execution per evaluation costs seconds."""
         if self._validation_cache is None:
-            self._validation_cache = list(validation_batches(
-                self.validation_shard, self.plan, batch_size=self.trainer.micro_batch_size, device=self.device))
+            self._validation_cache = {
+                task: list(validation_batches(shard, self.task_plans[task], batch_size=self.trainer.micro_batch_size,
+                                              device=self.device))
+                for task, shard in self.validation_shards.items()
+            }
         return self._validation_cache
 
     # ---- reporting and checkpoints ---------------------------------------------------------------
@@ -237,7 +285,8 @@ class _StageRun:
             stage_dict=self.stage.to_dict(),
             metrics=self.latest,
             write_model_export=lambda target: write_model_export(
-                self.model, target, tokenizer_path=self.plan.tokenizer_path, rank=self.rank),
+                self.model, target, tokenizer_path=self.plan.tokenizer_path, rank=self.rank,
+                peft=self.stage.peft, base_export_dir=self.stage.init.export_dir),
         )
         try:
             ray.train.report(

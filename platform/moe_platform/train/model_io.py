@@ -7,6 +7,7 @@ export can start a later stage at any EP size.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -33,6 +34,18 @@ def load_export_weights(model: MoETransformer, export_dir: str) -> None:
     model.load_canonical_state_dict(state)
 
 
-def write_model_export(model: MoETransformer, directory: str, *, tokenizer_path: str, rank: int) -> None:
-    """Collective: every rank joins the expert all-gather; global rank 0 writes the files."""
+ADAPTER_DIR = "adapter"
+
+
+def write_model_export(model: MoETransformer, directory: str, *, tokenizer_path: str, rank: int,
+                       peft=None, base_export_dir: Optional[str] = None) -> None:
+    """Collective: every rank joins the expert all-gather; global rank 0 writes the files.
+
+    A LoRA stage writes the merged model (what serving and later stages load) and, in
+    `adapter/`, the adapters alone with the base export they apply to.
+    """
     save_export(model, directory, tokenizer_file=tokenizer_path if rank == 0 else None)
+    if peft is not None and peft.lora_rank > 0:
+        from moe.peft import save_adapter
+
+        save_adapter(model, os.path.join(directory, ADAPTER_DIR), peft, base_export_dir)

@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TaskPlan:
+    """One dataset of a multi-task mixture, as the workers read it (counts per worker)."""
+
+    name: str
+    weight: float  # normalised: the weights of a mixture sum to 1
+    train_paths: tuple[str, ...]
+    validation_paths: tuple[str, ...]
+    columns: tuple[str, ...]
+    batches_per_epoch: int
+    eval_batches: int
+
+
+@dataclass(frozen=True)
 class TrainPlan:
     """Derived, agreed-upon facts of one stage (all counts per worker unless named global)."""
 
@@ -45,6 +58,9 @@ class TrainPlan:
     total_steps: int  # optimizer steps of the whole stage
     tokens_per_step: int  # global: micro_batch * grad_accum * num_workers * seq_len
     eval_batches: int  # validation micro-batches per worker and evaluation (0 = no validation split)
+    # A multi-task mixture (StageConfig.tasks): one entry per task; the fields above then describe
+    # the whole mixture (paths empty, batches_per_epoch = draws per mixture epoch, counts summed).
+    tasks: tuple[TaskPlan, ...] = ()
 
     @property
     def has_loss_mask(self) -> bool:
@@ -96,6 +112,52 @@ def validate_stage(stage: StageConfig) -> None:
         )
     if stage.init.export_dir:
         check_init_export(stage.init.export_dir, stage.model)
+    if trainer.objective == "distill":
+        check_teacher(stage)
+    elif stage.distill.teacher_export_dir:
+        raise TrainConfigError(
+            f"distill.teacher_export_dir is set but trainer.objective={trainer.objective!r}: "
+            "set trainer.objective=distill to learn from the teacher"
+        )
+    if stage.peft.enabled:
+        check_peft(stage)
+    names = [task.name for task in stage.tasks]
+    if len(set(names)) != len(names):
+        raise TrainConfigError(f"tasks: names must be unique, got {names}")
+
+
+def check_peft(stage: StageConfig) -> None:
+    """LoRA / freezing must fit the model and ZeRO: tried on a weightless (meta-device) model,
+    so a bad target fails here rather than on every worker."""
+    import torch
+
+    from moe import MoETransformer
+    from moe.peft import apply_peft
+
+    try:
+        stage.peft.check_zero_stage(stage.model, stage.trainer.zero_stage)
+        with torch.device("meta"):
+            apply_peft(MoETransformer(stage.model), stage.peft)
+    except ValueError as exc:
+        raise TrainConfigError(str(exc)) from None
+
+
+def check_teacher(stage: StageConfig) -> None:
+    """The teacher must be an export whose vocabulary is the student's (the KL compares logits)."""
+    teacher_dir = stage.distill.teacher_export_dir
+    if not teacher_dir:
+        raise TrainConfigError("trainer.objective=distill needs distill.teacher_export_dir (a teacher export)")
+    config_file = os.path.join(teacher_dir, "config.json")
+    for required in (config_file, os.path.join(teacher_dir, "model.safetensors")):
+        if not os.path.isfile(required):
+            raise TrainConfigError(f"distill.teacher_export_dir={teacher_dir} is not an export: {required} is missing")
+    with open(config_file) as fh:
+        teacher = json.load(fh)
+    if teacher.get("vocab_size") != stage.model.vocab_size:
+        raise TrainConfigError(
+            f"distill.teacher_export_dir={teacher_dir} has vocab_size {teacher.get('vocab_size')} but "
+            f"model.vocab_size={stage.model.vocab_size}: teacher and student must share the tokenizer"
+        )
 
 
 def check_init_export(export_dir: str, model: ModelConfig) -> None:
@@ -127,6 +189,8 @@ MOE_ARCHITECTURE_KEYS = ("num_experts", "expert_hidden", "num_shared_experts", "
 
 def make_plan(stage: StageConfig, manifest: Manifest) -> TrainPlan:
     """Count rows, batches and steps; raise if the dataset cannot feed one step."""
+    if stage.tasks:
+        return make_mixture_plan(stage, {task.name: load_manifest(task.dataset_dir) for task in stage.tasks})
     trainer = stage.trainer
     train = manifest.split("train")
     validation = manifest.splits.get("validation")
@@ -163,6 +227,51 @@ def make_plan(stage: StageConfig, manifest: Manifest) -> TrainPlan:
             batch_size=trainer.micro_batch_size,
             cap=trainer.eval_batches,
         ),
+    )
+
+
+def make_mixture_plan(stage: StageConfig, manifests: dict[str, Manifest]) -> TrainPlan:
+    """A plan over several datasets: each task is planned alone, then the counts are combined.
+
+    A mixture epoch is as many micro-batch draws as all tasks hold together; each draw picks a
+    task by weight, so a heavily weighted small task repeats (its own epochs cycle faster).
+    """
+    trainer = stage.trainer
+    total_weight = sum(task.weight for task in stage.tasks)
+    seq_lens = {manifest.seq_len for manifest in manifests.values()}
+    if len(seq_lens) > 1:
+        raise TrainConfigError(
+            f"tasks: all datasets must have the same seq_len, got "
+            f"{', '.join(f'{name}={m.seq_len}' for name, m in manifests.items())}"
+        )
+    task_plans = []
+    for task in stage.tasks:
+        single = make_plan(dataclasses.replace(stage, tasks=[], dataset_dir=task.dataset_dir), manifests[task.name])
+        task_plans.append(TaskPlan(
+            name=task.name, weight=task.weight / total_weight, train_paths=single.train_paths,
+            validation_paths=single.validation_paths, columns=single.columns,
+            batches_per_epoch=single.batches_per_epoch, eval_batches=single.eval_batches,
+        ))
+    first = manifests[stage.tasks[0].name]
+    batches_per_epoch = sum(task.batches_per_epoch for task in task_plans)
+    tokens_per_step = trainer.samples_per_step * first.seq_len
+    columns = ["tokens"] + ([LOSS_MASK_COLUMN] if any(LOSS_MASK_COLUMN in t.columns for t in task_plans) else [])
+    return TrainPlan(
+        train_paths=(),
+        validation_paths=(),
+        tokenizer_path=first.tokenizer_path,
+        columns=tuple(columns),
+        seq_len=first.seq_len,
+        train_rows=sum(m.split("train").rows for m in manifests.values()),
+        validation_rows=sum(m.splits["validation"].rows for m in manifests.values() if "validation" in m.splits),
+        batches_per_epoch=batches_per_epoch,
+        total_steps=total_steps(
+            max_steps=trainer.max_steps, max_tokens=trainer.max_tokens, max_epochs=trainer.max_epochs,
+            tokens_per_step=tokens_per_step, steps_per_epoch=batches_per_epoch / trainer.grad_accum_steps,
+        ),
+        tokens_per_step=tokens_per_step,
+        eval_batches=sum(task.eval_batches for task in task_plans),
+        tasks=tuple(task_plans),
     )
 
 

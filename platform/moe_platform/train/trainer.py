@@ -70,19 +70,24 @@ def prepare_stage(stage: StageConfig) -> tuple[StageConfig, TrainPlan]:
     """Absolute paths, cross-section checks, the model against the dataset, the plan."""
     stage = with_absolute_paths(stage)
     validate_stage(stage)
-    manifest = load_manifest(stage.dataset_dir)
-    check_model_fits_data(stage.model, manifest)
-    return stage, make_plan(stage, manifest)
+    dataset_dirs = [task.dataset_dir for task in stage.tasks] or [stage.dataset_dir]
+    manifests = [load_manifest(directory) for directory in dataset_dirs]
+    for manifest in manifests:
+        check_model_fits_data(stage.model, manifest)
+    return stage, make_plan(stage, manifests[0])
 
 
 def with_absolute_paths(stage: StageConfig) -> StageConfig:
     """Workers run in other directories: every local path becomes absolute on the driver."""
-    init_dir = stage.init.export_dir
+    init_dir, teacher_dir = stage.init.export_dir, stage.distill.teacher_export_dir
     return dataclasses.replace(
         stage,
         dataset_dir=storage.absolute(stage.dataset_dir),
         run=dataclasses.replace(stage.run, output_dir=os.path.abspath(os.path.expanduser(stage.run.output_dir))),
         init=dataclasses.replace(stage.init, export_dir=os.path.abspath(init_dir) if init_dir else None),
+        distill=dataclasses.replace(stage.distill,
+                                    teacher_export_dir=os.path.abspath(teacher_dir) if teacher_dir else None),
+        tasks=[dataclasses.replace(task, dataset_dir=storage.absolute(task.dataset_dir)) for task in stage.tasks],
     )
 
 
