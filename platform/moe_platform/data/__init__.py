@@ -7,6 +7,7 @@ from moe_platform.data.config import DataConfig
 from moe_platform.data.errors import DataError, ManifestError
 from moe_platform.data.manifest import (
     FORMAT_VERSION,
+    LOSS_MASK_COLUMN,
     SPLITS,
     TOKENS_COLUMN,
     DocumentStats,
@@ -19,6 +20,7 @@ from moe_platform.data.manifest import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "LOSS_MASK_COLUMN",
     "SPLITS",
     "TOKENS_COLUMN",
     "DataConfig",

@@ -13,6 +13,12 @@ from typing import Any, List, Optional
 # Byte-level BPE starts from all 256 byte values; a vocabulary must hold those plus the specials.
 BYTE_ALPHABET_SIZE = 256
 SUPPORTED_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".parquet")
+# data.kind: "text" (documents; every token counts) or "instruction" (prompt/response records
+# for finetuning; only response tokens count, marked by a loss_mask column).
+KINDS = ("text", "instruction")
+INSTRUCTION_EXTENSIONS = (".jsonl", ".parquet")
+# Config keys that only instruction data reads (prepare leaves them out of a text dataset's fingerprint).
+INSTRUCTION_KEYS = ("kind", "prompt_field", "response_field", "prompt_template")
 # The built-in corpus (data.input unset) is the interpreter's standard library; this cap keeps
 # `make run` and smoke runs to seconds. An explicit data.input has no cap unless one is set.
 DEFAULT_CORPUS_MAX_BYTES = 4_000_000
@@ -21,8 +27,12 @@ DEFAULT_CORPUS_MAX_BYTES = 4_000_000
 @dataclass
 class DataConfig:
     # Raw corpus: a file, a directory (recursive), a glob, or a URI (s3://, gs://).
-    # Unset: the Python standard library's .py sources (a corpus every machine has).
+    # Unset: the Python standard library's .py sources (a corpus every machine has), or with
+    # kind=instruction a prompt/response set generated from them (moe_platform/data/instructions.py).
     input: Optional[str] = None
+    # "text": documents, every token is trained on. "instruction": .jsonl/.parquet records with a
+    # prompt and a response; rows get a loss_mask column that is 1 on response tokens (and the eos).
+    kind: str = "text"
     # Where the tokenizer, Parquet shards and manifest.json go (and where other jobs read them).
     dataset_dir: str = "outputs/dataset"
     # An existing tokenizer.json to reuse; unset: train a byte-level BPE on the corpus.
@@ -40,6 +50,12 @@ class DataConfig:
     extensions: List[str] = field(default_factory=lambda: list(SUPPORTED_EXTENSIONS))
     text_field: str = "text"  # .jsonl: key of each line's JSON object
     text_column: str = "text"  # .parquet: string column
+    # kind=instruction: the .jsonl keys (and .parquet string columns) of the prompt and the response,
+    # and how the prompt is rendered before the response ("{prompt}" is replaced; other text is literal).
+    # Serve the finetuned model with the same rendering.
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    prompt_template: str = "{prompt}\n"
     # Caps, in the corpus' sorted order (None = no cap; the built-in corpus defaults to
     # DEFAULT_CORPUS_MAX_BYTES). max_bytes counts whole input files.
     max_documents: Optional[int] = None
@@ -81,6 +97,17 @@ class DataConfig:
         _require(bool(self.extensions), "data.extensions must not be empty")
         _require(bool(self.text_field), "data.text_field must not be empty")
         _require(bool(self.text_column), "data.text_column must not be empty")
+        _require(self.kind in KINDS, f"data.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        _require(bool(self.prompt_field), "data.prompt_field must not be empty")
+        _require(bool(self.response_field), "data.response_field must not be empty")
+        _require(self.prompt_field != self.response_field,
+                 f"data.response_field must differ from data.prompt_field (both {self.prompt_field!r})")
+        _require("{prompt}" in self.prompt_template,
+                 f"data.prompt_template must contain {{prompt}} (where the prompt goes), got {self.prompt_template!r}")
+        _require(
+            self.kind != "instruction" or bool(self.input_extensions),
+            f"data.extensions must include .jsonl or .parquet with data.kind=instruction, got {self.extensions}",
+        )
         for key in ("max_documents", "max_bytes"):
             value = getattr(self, key)
             _require(value is None or value >= 0, f"data.{key} must be >= 0 (0 or null: no cap), got {value}")
@@ -100,6 +127,13 @@ class DataConfig:
     def row_len(self) -> int:
         return self.seq_len + 1
 
+    @property
+    def input_extensions(self) -> tuple[str, ...]:
+        """File types read from directories and globs: instruction records live in .jsonl/.parquet only."""
+        if self.kind == "instruction":
+            return tuple(ext for ext in self.extensions if ext in INSTRUCTION_EXTENSIONS)
+        return tuple(self.extensions)
+
     def resolved(self) -> DataConfig:
         """Local paths made absolute (Ray workers run in other cwds); URIs unchanged.
 
@@ -116,6 +150,14 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def render_prompt(template: str, prompt: str) -> str:
+    """The prompt as the model sees it: data.prompt_template with "{prompt}" replaced.
+
+    str.replace, not str.format: braces elsewhere in the template or in a prompt stay literal.
+    """
+    return template.replace("{prompt}", prompt)
 
 
 def _require(condition: bool, message: str) -> None:

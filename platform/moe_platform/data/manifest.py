@@ -8,9 +8,10 @@
 Every Parquet row holds a column "tokens" (list<int32>) of exactly seq_len + 1
 tokens: a model reads tokens[:-1] and predicts tokens[1:]. Documents are packed
 back to back, each followed by the end-of-document token, so a row can span
-documents. `manifest.columns` lists the row columns; a later finetuning stage
-may add "loss_mask" (list<int8>, same length), so readers should select the
-columns they need instead of assuming "tokens" is the only one.
+documents. `manifest.columns` lists the row columns: an instruction dataset
+(data.kind=instruction) adds "loss_mask" (list<int8>, same length; 1 where the
+token should be predicted, i.e. response tokens and their eos), so readers
+select the columns they need instead of assuming "tokens" is the only one.
 
 manifest.json is written last (atomically): a directory with a manifest is a
 complete dataset. `Manifest.load(dataset_dir)` validates it and names what is
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
@@ -33,8 +34,10 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "validation")
 TOKENS_COLUMN = "tokens"
-# The row schema as written today; "loss_mask": "list<int8>" is the planned addition.
+LOSS_MASK_COLUMN = "loss_mask"
+# The row schema of a text dataset; an instruction dataset adds the loss mask.
 DEFAULT_COLUMNS = {TOKENS_COLUMN: "list<int32>"}
+INSTRUCTION_COLUMNS = {TOKENS_COLUMN: "list<int32>", LOSS_MASK_COLUMN: "list<int8>"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ class SplitInfo:
     rows: int
     tokens: int
     shards: list[ShardInfo]
+    # Datasets with a loss_mask only (None, and absent from the JSON, otherwise):
+    # targets the loss counts - loss_mask[1:] summed over rows, as a model predicts tokens[1:] -
+    # and rows where that sum is 0 (kept, so packing stays the plain token stream; they add no loss).
+    loss_tokens: Optional[int] = None
+    rows_without_loss: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,10 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("dataset_dir")
+        for split in data["splits"].values():  # a text dataset's splits keep their original keys
+            for key in ("loss_tokens", "rows_without_loss"):
+                if split[key] is None:
+                    del split[key]
         order = ["format_version", "seq_len", "vocab_size", "tokenizer", "splits", "documents", "columns",
                  "input", "fingerprint", "config", "created"]
         return {key: data[key] for key in order}
@@ -239,6 +251,8 @@ class _Reader:
 
     def split(self, data: Any, prefix: str) -> SplitInfo:
         shards = self.get(data, "shards", list, prefix=prefix)
+        optional = {key: self.get(data, key, int, prefix=prefix)
+                    for key in ("loss_tokens", "rows_without_loss") if key in data}
         return SplitInfo(
             rows=self.get(data, "rows", int, prefix=prefix),
             tokens=self.get(data, "tokens", int, prefix=prefix),
@@ -250,4 +264,5 @@ class _Reader:
                 )
                 for s in shards
             ],
+            **optional,
         )

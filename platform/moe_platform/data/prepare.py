@@ -6,6 +6,7 @@
     train (or load) the tokenizer on a sample
     from_items(files) ────────────────────────▶ read documents, pick split by hash,
                                                  encode + eos   (or a skip: path, reason)
+                                                 (instructions: + a loss mask, 1 on the response)
     iterate blocks in file order ◀────────────
     pack rows per split, write zstd shards
     manifest.json last
@@ -27,17 +28,21 @@ import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from tokenizers import Tokenizer
 
 from moe_platform.data import storage
-from moe_platform.data.config import DataConfig
+from moe_platform.data.config import INSTRUCTION_KEYS, DataConfig, render_prompt
 from moe_platform.data.errors import DataError, ManifestError
 from moe_platform.data.manifest import (
+    DEFAULT_COLUMNS,
+    INSTRUCTION_COLUMNS,
+    LOSS_MASK_COLUMN,
     MANIFEST_FILE,
     SPLITS,
     TOKENIZER_FILE,
@@ -48,9 +53,18 @@ from moe_platform.data.manifest import (
     TokenizerInfo,
 )
 from moe_platform.data.packing import TRAIN, VALIDATION, RowPacker, ShardWriter, assign_split
-from moe_platform.data.sources import Corpus, Document, SourceFile, find_corpus, read_documents, resolved_max_bytes
+from moe_platform.data.sources import (
+    Corpus,
+    Document,
+    RecordFormat,
+    SourceFile,
+    find_corpus,
+    read_records,
+    resolved_max_bytes,
+)
 from moe_platform.data.tokenizer import (
     encode_documents,
+    encode_instructions,
     encoder_from_json,
     load_tokenizer,
     sha256_text,
@@ -180,7 +194,9 @@ def compute_fingerprint(config: DataConfig, corpus: Corpus) -> str:
     """Hash of everything that decides the output bytes: config, file list, tokenizer, library versions."""
     import tokenizers
 
-    settings = {k: v for k, v in config.to_dict().items() if k not in NOT_FINGERPRINTED}
+    # Instruction-only keys change no byte of a text dataset (and text fingerprints predate them).
+    ignored = NOT_FINGERPRINTED | (set(INSTRUCTION_KEYS) if config.kind == "text" else set())
+    settings = {k: v for k, v in config.to_dict().items() if k not in ignored}
     settings["max_bytes"] = resolved_max_bytes(config)
     identity = {
         "pipeline": PIPELINE_VERSION,
@@ -190,6 +206,8 @@ def compute_fingerprint(config: DataConfig, corpus: Corpus) -> str:
         "tokenizer_sha256": _file_sha256(config.tokenizer) if config.tokenizer else None,
         "versions": {"tokenizers": tokenizers.__version__, "pyarrow": pa.__version__},
     }
+    if corpus.generated:
+        identity["generated"] = corpus.generated  # the built-in set: its content, not its temp file's mtime
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -259,9 +277,10 @@ def _what_differs(manifest: Manifest, config: Optional[DataConfig]) -> str:
     """'data.seq_len differs' or 'same config, other input files': tells the user what to change."""
     if config is None:
         return "other config or input"
-    current = config.to_dict()
+    current, defaults = config.to_dict(), DataConfig().to_dict()
+    # A key missing from an older manifest had its default value then.
     changed = sorted(key for key, value in current.items()
-                     if key not in NOT_FINGERPRINTED and manifest.config.get(key, value) != value)
+                     if key not in NOT_FINGERPRINTED and manifest.config.get(key, defaults.get(key, value)) != value)
     if changed:
         return ", ".join(f"data.{key}" for key in changed) + (" differs" if len(changed) == 1 else " differ")
     return "same config, but the input files or library versions changed"
@@ -280,13 +299,16 @@ def tokenizer_sample(corpus: Corpus, config: DataConfig) -> tuple[list[str], lis
     Validation documents stay out, so validation text is unseen by the tokenizer too.
     """
     texts, skipped, budget = [], [], config.tokenizer_train_bytes
+    record_format = RecordFormat.of(config)
     for file in sorted(corpus.files, key=lambda f: hashlib.sha256(f.identity.encode()).digest()):
-        for item in read_documents(file, text_field=config.text_field, text_column=config.text_column):
+        for item in read_records(file, record_format):
             if isinstance(item, Skip):
                 skipped.append(item)
             elif assign_split(item.identity, config.validation_fraction, config.split_seed) == TRAIN:
-                texts.append(item.text)
-                budget -= len(item.text)
+                text = item.text if isinstance(item, Document) else (
+                    render_prompt(config.prompt_template, item.prompt) + item.response)
+                texts.append(text)
+                budget -= len(text)
         if budget <= 0:
             break
     return texts, skipped
@@ -312,8 +334,8 @@ def tokenize_on_ray(plan: PreparePlan, bundle: TokenizerBundle) -> Iterator[pa.T
             fn_kwargs={
                 "tokenizer_serialized": bundle.serialized,
                 "eos_id": bundle.eos_id,
-                "text_field": config.text_field,
-                "text_column": config.text_column,
+                "record_format": RecordFormat.of(config),
+                "prompt_template": config.prompt_template,
                 "validation_fraction": config.validation_fraction,
                 "split_seed": config.split_seed,
             },
@@ -326,41 +348,54 @@ def tokenize_files(
     *,
     tokenizer_serialized: str,
     eos_id: int,
-    text_field: str,
-    text_column: str,
+    record_format: RecordFormat,
+    prompt_template: str,
     validation_fraction: float,
     split_seed: int,
 ) -> pa.Table:
     """Ray Data task: a batch of files -> one row per document or skip, in order.
 
     Columns: split (int8: 0 train, 1 validation, -1 skipped), tokens (list<int32>, ending in
-    eos; empty for a skip), path and reason (set for a skip). Never raises for bad input.
+    eos; empty for a skip), path (the file, for every row) and reason (set for a skip); for
+    instruction data also loss_mask (list<int8>, 1 on response tokens and eos). Never raises
+    for bad input.
     """
-    codes, paths, reasons, texts = [], [], [], []
+    codes, paths, reasons, records = [], [], [], []
     for record in files.to_pylist():
         file = SourceFile(**record)
-        for item in read_documents(file, text_field=text_field, text_column=text_column):
-            if isinstance(item, Document):
-                codes.append(SPLIT_CODES[assign_split(item.identity, validation_fraction, split_seed)])
-                paths.append("")
-                reasons.append("")
-                texts.append(item.text)
-            else:
+        for item in read_records(file, record_format):
+            if isinstance(item, Skip):
                 codes.append(SKIPPED)
                 paths.append(item.path)
                 reasons.append(item.reason)
-    encoded = iter(encode_documents(encoder_from_json(tokenizer_serialized), texts, eos_id))
-    empty = np.empty(0, dtype=np.int32)
+            else:
+                codes.append(SPLIT_CODES[assign_split(item.identity, validation_fraction, split_seed)])
+                paths.append(file.location)
+                reasons.append("")
+                records.append(item)
+    tokenizer = encoder_from_json(tokenizer_serialized)
+    columns = {"split": pa.array(codes, type=pa.int8())}
+    if record_format.kind == "instruction":
+        prompts = [render_prompt(prompt_template, r.prompt) for r in records]
+        encoded = encode_instructions(tokenizer, prompts, [r.response for r in records], eos_id)
+        columns["tokens"] = _ragged(codes, [tokens for tokens, _ in encoded], np.int32)
+        columns[LOSS_MASK_COLUMN] = _ragged(codes, [mask for _, mask in encoded], np.int8)
+    else:
+        columns["tokens"] = _ragged(codes, encode_documents(tokenizer, [r.text for r in records], eos_id), np.int32)
+    columns["path"] = pa.array(paths, type=pa.string())
+    columns["reason"] = pa.array(reasons, type=pa.string())
+    return pa.table(columns)
+
+
+def _ragged(codes: list[int], arrays: Sequence[np.ndarray], dtype: type) -> pa.LargeListArray:
+    """One list per row of `codes`: the next array for a document, an empty list for a skip."""
+    encoded = iter(arrays)
+    empty = np.empty(0, dtype=dtype)
     per_row = [next(encoded) if code != SKIPPED else empty for code in codes]
-    lengths = np.array([len(tokens) for tokens in per_row], dtype=np.int64)
+    lengths = np.array([len(values) for values in per_row], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     values = np.concatenate(per_row) if per_row else empty
-    return pa.table({
-        "split": pa.array(codes, type=pa.int8()),
-        "tokens": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32())),
-        "path": pa.array(paths, type=pa.string()),
-        "reason": pa.array(reasons, type=pa.string()),
-    })
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.from_numpy_dtype(dtype)))
 
 
 @contextlib.contextmanager
@@ -391,20 +426,32 @@ def _start_local_ray() -> None:
 
 
 class ShardCollector:
-    """Counts documents and skips, packs each split's tokens into rows, writes the shards."""
+    """Counts documents and skips, packs each split's tokens (and loss mask) into rows, writes the shards.
+
+    Instruction rows whose targets are all masked out (a prompt longer than a row) are kept:
+    dropping them would break "rows = the token stream less the tail", and the loss already
+    ignores them. The manifest counts them (rows_without_loss) next to loss_tokens.
+    """
 
     def __init__(self, config: DataConfig, corpus: Corpus):
         self.config = config
         self.read = len(corpus.skipped)  # files passed over while listing count as read and skipped
         self.used = 0
         self.skipped: list[Skip] = list(corpus.skipped)
+        self.loss_mask = config.kind == "instruction"
         self.packers = {split: RowPacker(config.row_len) for split in SPLITS}
+        self.mask_packers = {split: RowPacker(config.row_len, np.int8) for split in SPLITS}
         self.writers = {
             split: ShardWriter(config.dataset_dir, split, row_len=config.row_len, shard_rows=config.shard_rows,
-                               row_group_rows=config.row_group_rows)
+                               row_group_rows=config.row_group_rows, loss_mask=self.loss_mask)
             for split in SPLITS
         }
+        self.loss_tokens = {split: 0 for split in SPLITS}
+        self.rows_without_loss = {split: 0 for split in SPLITS}
         self._documents_left = config.max_documents or math.inf
+        # Instruction data: files with a usable record, and the last file seen (maybe cut by the cap).
+        self._files_used: set[str] = set()
+        self._last_path: Optional[str] = None
 
     def consume(self, table: pa.Table) -> bool:
         """Take one block of the stream; False once the document cap is reached."""
@@ -418,11 +465,28 @@ class ShardCollector:
         self.used += int(np.count_nonzero(codes != SKIPPED))
         lengths = tokens.value_lengths().to_numpy(zero_copy_only=False)
         values = tokens.flatten().to_numpy()
+        masks = table.column(LOSS_MASK_COLUMN).combine_chunks().flatten().to_numpy() if self.loss_mask else None
         for split, code in SPLIT_CODES.items():
             # Tokens of this split's documents, in document order.
-            selected = values[np.repeat(codes == code, lengths)]
-            self.writers[split].add(self.packers[split].add(selected))
+            chosen = np.repeat(codes == code, lengths)
+            rows_RL = self.packers[split].add(values[chosen])
+            if masks is None:
+                self.writers[split].add(rows_RL)
+            else:
+                self.writers[split].add(rows_RL, self._pack_mask(split, masks[chosen]))
+        if self.loss_mask and len(table):
+            self._files_used.update(pc.unique(table.column("path").filter(pa.array(codes != SKIPPED))).to_pylist())
+            self._last_path = table.column("path")[-1].as_py()
         return self._documents_left > 0
+
+    def _pack_mask(self, split: str, mask_N: np.ndarray) -> np.ndarray:
+        """Pack the mask like the tokens (same lengths in, same rows out) and count its targets."""
+        mask_RL = self.mask_packers[split].add(mask_N)
+        # A model predicts tokens[1:] of a row: position 0 is never a target, whatever its mask.
+        targets_R = mask_RL[:, 1:].sum(axis=1, dtype=np.int64)
+        self.loss_tokens[split] += int(targets_R.sum())
+        self.rows_without_loss[split] += int(np.count_nonzero(targets_R == 0))
+        return mask_RL
 
     def _record_skips(self, table: pa.Table, codes: np.ndarray) -> None:
         where = np.flatnonzero(codes == SKIPPED)
@@ -432,6 +496,8 @@ class ShardCollector:
             self.skipped.extend(Skip(p, r) for p, r in zip(paths, reasons))
 
     def finish(self, plan: PreparePlan, bundle: TokenizerBundle) -> Manifest:
+        if self.loss_mask:
+            self._check_every_file_used(plan.corpus)
         if self.used == 0:
             raise DataError(f"no usable documents in {plan.corpus.input}: {summarize_skips(self.skipped)}")
         splits = {}
@@ -439,6 +505,9 @@ class ShardCollector:
             shards = self.writers[split].finish()
             rows = sum(s.rows for s in shards)
             splits[split] = SplitInfo(rows=rows, tokens=rows * self.config.row_len, shards=shards)
+            if self.loss_mask:
+                splits[split].loss_tokens = self.loss_tokens[split]
+                splits[split].rows_without_loss = self.rows_without_loss[split]
         tails = {split: packer.tail for split, packer in self.packers.items()}
         if splits[TRAIN].rows == 0:
             raise DataError(
@@ -450,6 +519,27 @@ class ShardCollector:
                         "or add documents", tails[VALIDATION])
         return self._manifest(plan, bundle, splits, tails)
 
+    def _check_every_file_used(self, corpus: Corpus) -> None:
+        """An instruction file none of whose records is usable fails the job, naming the file.
+
+        Instruction files are few and deliberate; one that yields nothing has the wrong field
+        names or format, and silently training without it would be a worse surprise than a stop.
+        """
+        capped = self._documents_left <= 0
+        stream_skips = self.skipped[len(corpus.skipped):]  # listing skips (unsupported types) are not read
+        unusable = list(dict.fromkeys(
+            s.path for s in stream_skips
+            if s.path not in self._files_used and not (capped and s.path == self._last_path)))
+        if not unusable:
+            return
+        first = unusable[0]
+        reasons = summarize_skips([s for s in stream_skips if s.path == first])
+        more = f" (and {len(unusable) - 1} more file(s) like it)" if len(unusable) > 1 else ""
+        raise DataError(
+            f"{first} has no usable instruction record ({reasons}){more}: each record needs the string fields "
+            f"{self.config.prompt_field!r} (data.prompt_field) and {self.config.response_field!r} (data.response_field)"
+        )
+
     def _manifest(self, plan: PreparePlan, bundle: TokenizerBundle, splits: dict, tails: dict) -> Manifest:
         config, corpus = self.config, plan.corpus
         return Manifest(
@@ -459,6 +549,7 @@ class ShardCollector:
                                     eos_id=bundle.eos_id, pad_id=bundle.pad_id),
             splits=splits,
             documents=DocumentStats(read=self.read, used=self.used, skipped=self.skipped, tail_tokens_dropped=tails),
+            columns=dict(INSTRUCTION_COLUMNS if self.loss_mask else DEFAULT_COLUMNS),
             input={
                 "location": corpus.input,
                 "default_corpus": corpus.is_default,
@@ -467,6 +558,8 @@ class ShardCollector:
                 "max_bytes": resolved_max_bytes(config),
                 "max_documents": config.max_documents,
                 "tokenizer_trained": bundle.trained,
+                # The built-in instruction set: generator, record count, content sha256.
+                **({"generated": corpus.generated} if corpus.generated else {}),
             },
             fingerprint=plan.fingerprint,
             config=config.to_dict(),
@@ -508,5 +601,7 @@ def format_summary(manifest: Manifest, *, reused: bool) -> str:
             f"  {name + ':':<11} {split.rows} rows x {manifest.row_len} tokens = {split.tokens} tokens "
             f"in {len(split.shards)} shard(s) under {storage.join(manifest.dataset_dir, name)}/ "
             f"(tail of {docs.tail_tokens_dropped.get(name, 0)} tokens dropped)"
+            + (f"; {split.loss_tokens} loss tokens, {split.rows_without_loss} rows without any"
+               if split.loss_tokens is not None else "")
         )
     return "\n".join(lines)

@@ -87,3 +87,26 @@ def encode_documents(tokenizer: Tokenizer, texts: Sequence[str], eos_id: int) ->
         return []
     encodings = tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
     return [np.array(encoding.ids + [eos_id], dtype=np.int32) for encoding in encodings]
+
+
+def encode_instructions(
+    tokenizer: Tokenizer, prompts: Sequence[str], responses: Sequence[str], eos_id: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, loss_mask) per record: encode(prompt) + encode(response) + eos, mask 0 on the prompt.
+
+    The mask is 1 on each token the model should learn to predict: the response and the eos that
+    ends it (so generation learns to stop). Prompt and response are encoded separately, as at
+    inference, where the rendered prompt is encoded alone and the model continues it.
+    Tokens int32, mask int8, same length.
+    """
+    if not prompts:
+        return []
+    prompt_encodings = tokenizer.encode_batch_fast(list(prompts), add_special_tokens=False)
+    response_encodings = tokenizer.encode_batch_fast(list(responses), add_special_tokens=False)
+    encoded = []
+    for prompt, response in zip(prompt_encodings, response_encodings):
+        tokens = np.array(prompt.ids + response.ids + [eos_id], dtype=np.int32)
+        mask = np.zeros(len(tokens), dtype=np.int8)
+        mask[len(prompt.ids):] = 1
+        encoded.append((tokens, mask))
+    return encoded

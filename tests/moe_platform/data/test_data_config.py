@@ -19,6 +19,12 @@ from moe_platform.data import DataConfig
         ({"shard_rows": 0}, "data.shard_rows"),
         ({"num_cpus_per_task": 0}, "data.num_cpus_per_task"),
         ({"dataset_dir": ""}, "data.dataset_dir"),
+        ({"kind": "chat"}, "data.kind"),
+        ({"prompt_field": ""}, "data.prompt_field"),
+        ({"response_field": ""}, "data.response_field"),
+        ({"prompt_field": "text", "response_field": "text"}, "data.response_field"),
+        ({"prompt_template": "Question: {question}\n"}, "data.prompt_template"),
+        ({"kind": "instruction", "extensions": [".txt", ".md"]}, "data.extensions"),
     ],
 )
 def test_bad_values_name_their_key(overrides, key):
@@ -47,3 +53,10 @@ def test_default_input_is_unset_and_dataset_dir_usable():
     assert config.input is None
     assert config.dataset_dir == "outputs/dataset"
     assert config.row_len == config.seq_len + 1
+
+
+def test_instruction_defaults_and_extensions():
+    config = DataConfig(kind="instruction")
+    assert (config.prompt_field, config.response_field, config.prompt_template) == ("prompt", "response", "{prompt}\n")
+    assert config.input_extensions == (".jsonl", ".parquet")
+    assert DataConfig().kind == "text" and DataConfig().input_extensions == tuple(DataConfig().extensions)

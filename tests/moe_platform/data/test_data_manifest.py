@@ -97,3 +97,15 @@ def test_missing_shard_is_reported(tmp_path):
 def test_unknown_split_is_named(tmp_path):
     with pytest.raises(ManifestError, match="split 'test' is not in"):
         make_manifest(str(tmp_path)).split_paths("test")
+
+
+def test_loss_counts_round_trip_and_stay_out_of_text_manifests(tmp_path):
+    manifest = make_manifest()
+    manifest.columns = {"tokens": "list<int32>", "loss_mask": "list<int8>"}
+    manifest.splits["train"].loss_tokens, manifest.splits["train"].rows_without_loss = 11, 1
+    write_dataset_files(tmp_path, manifest)
+    manifest.save(str(tmp_path))
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["splits"]["train"]["loss_tokens"] == 11 and "loss_tokens" not in data["splits"]["validation"]
+    loaded = Manifest.load(str(tmp_path))
+    assert loaded == manifest and loaded.splits["validation"].loss_tokens is None

@@ -31,6 +31,7 @@ def split_tokens(manifest: Manifest, split: str) -> np.ndarray:
     rows = []
     for path in manifest.split_paths(split):
         table = pq.read_table(path)
+        assert table.schema.names == ["tokens"]  # text data has no loss_mask column
         column_type = table.schema.field("tokens").type
         assert pa.types.is_list(column_type) and column_type.value_type == pa.int32()
         assert pq.ParquetFile(path).metadata.row_group(0).column(0).compression == "ZSTD"
@@ -76,6 +77,7 @@ def test_shards_hold_the_tokenized_corpus_in_order_less_the_tail(corpus, tmp_pat
         ("binary.txt", "binary file (NUL byte at 0)"), ("notes.pdf", "unsupported file type '.pdf'")}
     data = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert data["config"]["input"] == str(root) and data["input"]["tokenizer_trained"] is True
+    assert data["columns"] == {"tokens": "list<int32>"} and set(data["splits"]["train"]) == {"rows", "tokens", "shards"}
     assert "2 skipped: 1 binary file, 1 unsupported file type '.pdf'" in result.summary()
 
 
