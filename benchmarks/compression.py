@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from moe import load_export, load_export_config  # noqa: E402
 from moe.prune import choose_experts, expert_usage, prune_export  # noqa: E402
-from moe.quantize import quantize_int8, quantized_size_bytes  # noqa: E402
+from moe.quantize import quantize_int8, model_size_bytes  # noqa: E402
 from moe_platform.data import Manifest  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def generation_seconds(model, prompts: list[list[int]], new_tokens: int) -> floa
 
 def size_mb(model, export_dir: str, int8: bool) -> float:
     if int8:
-        return quantized_size_bytes(model) / 1e6
+        return model_size_bytes(model) / 1e6
     return os.path.getsize(os.path.join(export_dir, "model.safetensors")) / 1e6
 
 

@@ -66,7 +66,13 @@ def compare_exports(entries: Sequence[str], dataset_dir: str, *, split: str = "v
     """Score every entry on the same held-out rows and prompts (Ray must be up: rows stream via Ray Data)."""
     from moe_platform.train.evaluation import evaluate_export
 
+    from moe import load_export_config
+
     parsed = [parse_entry(entry) for entry in entries]  # all checked before the first (slow) evaluation
+    # Prompt + generated tokens must fit every model's context (small models have short ones).
+    context = min(load_export_config(export_dir).seq_len for export_dir, _ in parsed)
+    prompt_tokens = max(1, min(prompt_tokens, context // 4))
+    new_tokens = max(1, min(new_tokens, context - prompt_tokens))
     prompts = _prompts(dataset_dir, split, generate_batch, prompt_tokens)
     rows = []
     for entry, (export_dir, int8) in zip(entries, parsed):
@@ -107,9 +113,9 @@ def generation_speed(model: torch.nn.Module, prompts: list[list[int]], new_token
 def _size_bytes(export_dir: str, model: torch.nn.Module, int8: bool) -> int:
     if not int8:
         return os.path.getsize(os.path.join(export_dir, "model.safetensors"))
-    from moe.quantize import quantized_size_bytes
+    from moe.quantize import model_size_bytes
 
-    return quantized_size_bytes(model)
+    return model_size_bytes(model)
 
 
 def format_table(rows: Sequence[ExportSummary]) -> str:
