@@ -58,6 +58,8 @@ class HFLoopMoE(nn.Module):
         self.k = k
         self.gate = nn.Linear(D_MODEL, layer.router_weight.shape[0], bias=False)
         w = layer.experts.local_weights()
+        with torch.no_grad():
+            self.gate.weight.copy_(layer.router_weight)  # the same routing as the MoE layers
         self.experts = nn.ModuleList()
         for j in range(w["w1"].shape[0]):
             expert = SwiGLU(D_MODEL, w["w1"].shape[1])
@@ -92,11 +94,22 @@ def saved_bytes(fn: Callable[[], Tensor]) -> int:
     return sum(seen.values())
 
 
+def same_initial_weights(layers: list[MoELayer], std: float) -> None:
+    """One draw of Normal(0, std) weights (the model's init, moe/state.py) loaded into every MoE
+    variant: a bare MoELayer's native weights are torch.empty (the model loads its own), and
+    an uninitialised (zero or NaN) router sends every token to the same k experts, which would
+    time a different, GEMM-friendlier layer. Same weights, same routing for every variant."""
+    sd = {key: torch.randn_like(t) * std for key, t in layers[0].canonical_state("").items()}
+    for layer in layers:
+        layer.load_canonical_state(sd, "")
+
+
 def build_variants(e: int, k: int, f: int, device, dtype) -> dict[str, nn.Module]:
     torch.manual_seed(0)
     variants: dict[str, nn.Module] = {"native": MoELayer(make_config(e, k, f, "native"))}
     for name, cf in (("ds_dropless", 0.0), ("ds_cap1.0", 1.0), ("ds_cap1.25", 1.25)):
         variants[name] = MoELayer(make_config(e, k, f, "deepspeed", cf))
+    same_initial_weights(list(variants.values()), make_config(e, k, f, "native").init_std)
     variants["hf_loop"] = HFLoopMoE(variants["native"], k)
     variants["dense"] = SwiGLU(D_MODEL, k * f)
     for m in variants.values():

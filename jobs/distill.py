@@ -12,6 +12,7 @@ teacher are compared on the same held-out rows: loss, parameters, generation tok
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from jobs.common import ConfigError, command_line_overrides, job, model_from_export
@@ -48,6 +49,7 @@ def run_distillation(config: RootConfig, overrides: list[str]):
         from jobs.evaluate import run_comparison
 
         config.evaluate.compare = [teacher, result.export_dir]
+        config.evaluate.chart = os.path.join(result.output_dir, "teacher_vs_student.png")
         run_comparison(config)
     return result
 
