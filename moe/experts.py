@@ -8,7 +8,7 @@ Forward, one rank (EP=1):
     x_AD = x_TD[token_idx_A]                       one gather, rows grouped by expert
     h_AF = silu(x_AD @ w1[e].T) * (x_AD @ w3[e].T) grouped GEMMs over contiguous groups
     y_AD = (h_AF * weight_A) @ w2[e].T             the combine weight folded in before w2
-    out_TD = index_add(zeros, token_idx_A, y_AD)   one scatter-add
+    out_TD[t] = sum of token t's rows of y_AD      one embedding_bag (see SumRows)
 With EP > 1 the sorted rows travel to the rank that owns their expert and back
 (two uneven all-to-alls); the rank regroups what it receives by local expert.
 """
@@ -70,11 +70,64 @@ def grouped_linear(x_AI: Tensor, w_EOI: Tensor, counts_E: Tensor, use_grouped_mm
     return torch.cat([xe @ we.t() for xe, we in zip(chunks, w_EOI)])
 
 
+def grouped_weight_grad(d_AO: Tensor, x_AI: Tensor, counts_E: Tensor, use_grouped_mm: bool) -> Tensor:
+    """The gradient of grouped_linear's w: d[rows of e].T @ x[rows of e] -> (E, O, I)."""
+    if use_grouped_mm:
+        return torch._grouped_mm(d_AO.t(), x_AI, offs=counts_E.cumsum(0).to(torch.int32))
+    out_EOI = d_AO.new_empty(counts_E.shape[0], d_AO.shape[1], x_AI.shape[1])
+    counts = counts_E.tolist()
+    for e, (d_rO, x_rI) in enumerate(zip(d_AO.split(counts), x_AI.split(counts))):
+        torch.mm(d_rO.t(), x_rI, out=out_EOI[e])  # zeros for an expert without rows
+    return out_EOI
+
+
+class GateUp(torch.autograd.Function):
+    """(x_AD @ w1[e].T, x_AD @ w3[e].T) per expert group. Its backward on CPU writes the input
+    gradient dg @ w1[e] + du @ w3[e] expert by expert into one buffer (mm, then addmm into the
+    same rows) instead of two (A, D) grouped GEMM results and an add; weight gradients are
+    computed only for weights that want them (frozen experts skip two GEMMs)."""
+
+    @staticmethod
+    def forward(ctx, x_AD: Tensor, w1_EFD: Tensor, w3_EFD: Tensor, counts_E: Tensor,
+                use_grouped_mm: bool) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(x_AD, w1_EFD, w3_EFD, counts_E)
+        ctx.use_grouped_mm = use_grouped_mm
+        return (grouped_linear(x_AD, w1_EFD, counts_E, use_grouped_mm),
+                grouped_linear(x_AD, w3_EFD, counts_E, use_grouped_mm))
+
+    @staticmethod
+    def backward(ctx, dg_AF: Tensor, du_AF: Tensor):
+        x_AD, w1_EFD, w3_EFD, counts_E = ctx.saved_tensors
+        dg_AF, du_AF = dg_AF.contiguous(), du_AF.contiguous()  # grouped_mm refuses expanded grads
+        need_x, need_w1, need_w3 = ctx.needs_input_grad[:3]
+        dx_AD = GateUp._input_grad(dg_AF, du_AF, w1_EFD, w3_EFD, counts_E, ctx.use_grouped_mm) if need_x else None
+        dw1 = grouped_weight_grad(dg_AF, x_AD, counts_E, ctx.use_grouped_mm) if need_w1 else None
+        dw3 = grouped_weight_grad(du_AF, x_AD, counts_E, ctx.use_grouped_mm) if need_w3 else None
+        return dx_AD, dw1, dw3, None, None
+
+    @staticmethod
+    def _input_grad(dg_AF: Tensor, du_AF: Tensor, w1_EFD: Tensor, w3_EFD: Tensor, counts_E: Tensor,
+                    use_grouped_mm: bool) -> Tensor:
+        if dg_AF.device.type != "cpu":  # one kernel per GEMM beats a host loop of launches
+            return (grouped_linear(dg_AF, w1_EFD.transpose(-2, -1), counts_E, use_grouped_mm)
+                    + grouped_linear(du_AF, w3_EFD.transpose(-2, -1), counts_E, use_grouped_mm))
+        dx_AD = dg_AF.new_empty(dg_AF.shape[0], w1_EFD.shape[2])
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            rows = slice(start, start + n)
+            dx_rD = torch.mm(dg_AF[rows], w1_EFD[e], out=dx_AD[rows])
+            torch.addmm(dx_rD, du_AF[rows], w3_EFD[e], out=dx_rD)  # not addmm_: FLOP counters skip it
+            start += n
+        return dx_AD
+
+
 def swiglu_experts(x_AD: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, w3_EFD: Tensor, counts_E: Tensor,
                    weight_A: Optional[Tensor] = None, use_grouped_mm: Optional[bool] = None) -> Tensor:
     """SwiGLU of each row through its expert; rows must be grouped by expert."""
-    h_AF = F.silu(grouped_linear(x_AD, w1_EFD, counts_E, use_grouped_mm))
-    h_AF = h_AF * grouped_linear(x_AD, w3_EFD, counts_E, use_grouped_mm)
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_supported(x_AD, w1_EFD)
+    g_AF, u_AF = GateUp.apply(x_AD, w1_EFD, w3_EFD, counts_E, use_grouped_mm)
+    h_AF = F.silu(g_AF) * u_AF
     # (h * w) @ W2 == w * (h @ W2): apply the combine weight on the narrower side (F or D),
     # since it costs three elementwise passes (forward, and two in backward).
     weight_hidden = weight_A is not None and h_AF.shape[1] <= w2_EDF.shape[1]
@@ -84,6 +137,45 @@ def swiglu_experts(x_AD: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, w3_EFD: Tensor,
     if weight_A is not None and not weight_hidden:
         y_AD = y_AD * weight_A.unsqueeze(1).to(y_AD.dtype)
     return y_AD
+
+
+def token_bags(token_idx_A: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """Each token's assignments as embedding_bag bags: (rows_A ordered by token, offsets_T)."""
+    rows_A = token_idx_A.argsort(stable=True)
+    per_token_T = torch.bincount(token_idx_A, minlength=num_tokens)
+    return rows_A, per_token_T.cumsum(0) - per_token_T
+
+
+class GatherRows(torch.autograd.Function):
+    """x_AD = x_TD[token_idx_A], whose backward sums each token's rows (embedding_bag over
+    token_bags) instead of index_add's scatter, which on CPU re-sorts the index every call
+    and takes about twice as long."""
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, token_idx_A: Tensor, rows_A: Tensor, offsets_T: Tensor) -> Tensor:
+        ctx.save_for_backward(rows_A, offsets_T)
+        return x_TD.index_select(0, token_idx_A)
+
+    @staticmethod
+    def backward(ctx, grad_AD: Tensor):
+        rows_A, offsets_T = ctx.saved_tensors
+        return F.embedding_bag(rows_A, grad_AD.contiguous(), offsets_T, mode="sum"), None, None, None
+
+
+class SumRows(torch.autograd.Function):
+    """The combine, GatherRows' adjoint: out_TD[t] = the sum of token t's rows of y_AD (zero
+    for a token with none), by embedding_bag; its backward is the gather. Unlike index_add,
+    whose autograd keeps the (A, D) source alive for backward, it saves only the index."""
+
+    @staticmethod
+    def forward(ctx, y_AD: Tensor, token_idx_A: Tensor, rows_A: Tensor, offsets_T: Tensor) -> Tensor:
+        ctx.save_for_backward(token_idx_A)
+        return F.embedding_bag(rows_A, y_AD.contiguous(), offsets_T, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        (token_idx_A,) = ctx.saved_tensors
+        return grad_TD.index_select(0, token_idx_A), None, None, None
 
 
 class NativeExperts(DeepSpeedMoE):
@@ -136,13 +228,14 @@ class NativeExperts(DeepSpeedMoE):
             getattr(self, w).copy_(weights[w])
 
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
-        x_AD = x_TD.index_select(0, dispatch.token_idx_A)
+        bags = token_bags(dispatch.token_idx_A, x_TD.shape[0])
+        x_AD = GatherRows.apply(x_TD, dispatch.token_idx_A, *bags)
         if self.ep_size == 1:
             y_AD = swiglu_experts(x_AD, self.w1, self.w2, self.w3, dispatch.counts_E,
                                   dispatch.weight_A, self.use_grouped_mm)
         else:
             y_AD = self._expert_parallel(x_AD, dispatch.counts_E) * dispatch.weight_A.unsqueeze(1).to(x_AD.dtype)
-        return torch.zeros_like(x_TD).index_add(0, dispatch.token_idx_A, y_AD)
+        return SumRows.apply(y_AD, dispatch.token_idx_A, *bags)
 
     def _expert_parallel(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         """Send rows to the ranks owning their experts, compute, send results back."""
