@@ -45,9 +45,7 @@ def run_comparison(config: RootConfig) -> list:
 
     settings = config.evaluate
     try:
-        first_dir, _ = parse_entry(settings.compare[0])
-        for entry in settings.compare:
-            parse_entry(entry)
+        first_dir, _ = [parse_entry(entry) for entry in settings.compare][0]
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)

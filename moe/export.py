@@ -30,12 +30,25 @@ def save_export(model: MoETransformer, out_dir: PathLike, tokenizer_file: Option
     sd = model.canonical_state_dict()
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return Path(out_dir)
+    return write_export(sd, model.config, out_dir, tokenizer_file)
+
+
+def write_export(sd: dict[str, torch.Tensor], config: ModelConfig, out_dir: PathLike,
+                 tokenizer_file: Optional[PathLike] = None) -> Path:
+    """A canonical state dict + its config as an export (what transforms on exports write),
+    after checking every tensor against the config's canonical shapes."""
+    from .state import canonical_shapes
+
+    expected = canonical_shapes(config)
+    wrong = sorted(k for k in set(expected) | set(sd) if k not in sd or tuple(sd[k].shape) != expected.get(k))
+    if wrong:
+        raise ValueError(f"the state dict does not match the config at {wrong[:3]}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
               metadata={"format_version": str(FORMAT_VERSION)})
-    config = {**dataclasses.asdict(model.config), "format_version": FORMAT_VERSION}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "format_version": FORMAT_VERSION},
+                                                indent=2) + "\n")
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / "tokenizer.json")
     return out

@@ -52,7 +52,6 @@ import functools
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Union
@@ -65,7 +64,6 @@ from torch.nn.utils import parametrize
 from . import parallel
 from .config import ModelConfig
 from .experts import NativeExperts
-from .export import FORMAT_VERSION
 from .layer import MoELayer
 from .model import MoETransformer
 
@@ -465,7 +463,9 @@ def merge_adapter(base_export_dir: Optional[PathLike], adapter_dir: PathLike, ou
     """A full export (model.safetensors, config.json, tokenizer.json) with every adapted weight
     replaced by W + scale * B @ A, computed on canonical tensors (no model, no GPU, any EP).
     base_export_dir None: the one recorded in adapter_config.json."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+
+    from .export import load_export_config, write_export
 
     config, recorded = read_adapter_config(adapter_dir)
     base = Path(base_export_dir if base_export_dir is not None else recorded or "")
@@ -484,11 +484,5 @@ def merge_adapter(base_export_dir: Optional[PathLike], adapter_dir: PathLike, ou
             raise ValueError(f"the adapter's {w_key} has shape {tuple(delta.shape)}; the base export's is "
                              f"{tuple(w.shape)}.")
         weights[w_key] = (w.float() + delta).to(w.dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
-              metadata={"format_version": str(FORMAT_VERSION)})
-    for name in ("config.json", "tokenizer.json"):
-        if (base / name).is_file():
-            shutil.copyfile(base / name, out / name)
-    return out
+    tokenizer = base / "tokenizer.json"
+    return write_export(weights, load_export_config(base), out_dir, tokenizer if tokenizer.is_file() else None)

@@ -32,7 +32,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .export import load_export_config
 from .model import MoETransformer
-from .upcycle import write_state_export
+from .export import write_export
 
 PathLike = Union[str, Path]
 EXPERT_KEYS = ("experts.w1", "experts.w2", "experts.w3", "router.weight", "router.balance_bias")
@@ -103,7 +103,7 @@ def prune_export(export_dir: PathLike, out_dir: PathLike, keep_ids: list[list[in
     src = Path(export_dir)
     sd, config = prune_state(load_file(str(src / "model.safetensors")), load_export_config(src), keep_ids)
     tokenizer = src / "tokenizer.json"
-    return write_state_export(sd, config, out_dir, tokenizer if tokenizer.exists() else None)
+    return write_export(sd, config, out_dir, tokenizer if tokenizer.exists() else None)
 
 
 def _check_keep_ids(keep_ids: list[list[int]], config: ModelConfig, num_layers: int) -> list[list[int]]:

@@ -27,17 +27,15 @@ Works on exports (canonical state dict + ModelConfig), so it is backend- and EP-
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import ModelConfig, MoEConfig
-from .export import FORMAT_VERSION, load_export_config
+from .export import load_export_config, write_export
 from .state import canonical_shapes
 
 PathLike = Union[str, Path]
@@ -100,26 +98,7 @@ def upcycle_export(dense_export_dir: PathLike, out_dir: PathLike, moe: MoEConfig
     """Upcycle the export in dense_export_dir into out_dir (tokenizer.json copied when present)."""
     src = Path(dense_export_dir)
     sd, config = upcycle_state(load_file(str(src / "model.safetensors")), load_export_config(src), moe, seed=seed)
-    return write_state_export(sd, config, out_dir, tokenizer_file=_tokenizer(src))
-
-
-def write_state_export(sd: dict[str, Tensor], config: ModelConfig, out_dir: PathLike,
-                       tokenizer_file: Optional[PathLike] = None) -> Path:
-    """Write a canonical state dict + config as an export (the layout of moe/export.py's
-    save_export), after checking the tensors against the config's canonical shapes."""
-    expected = canonical_shapes(config)
-    wrong = sorted(k for k in set(expected) | set(sd) if k not in sd or tuple(sd[k].shape) != expected.get(k))
-    if wrong:
-        raise ValueError(f"the state dict does not match the config at {wrong[:3]}.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
-              metadata={"format_version": str(FORMAT_VERSION)})
-    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(config),
-                                                 "format_version": FORMAT_VERSION}, indent=2) + "\n")
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, out / "tokenizer.json")
-    return out
+    return write_export(sd, config, out_dir, tokenizer_file=_tokenizer(src))
 
 
 def _tokenizer(export_dir: Path) -> Optional[Path]:

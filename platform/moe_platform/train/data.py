@@ -43,8 +43,8 @@ def validation_name(task: str = "") -> str:
 def build_datasets(plan: TrainPlan) -> dict:
     """{"train": ds, "validation": ds?} (or per task of a mixture) reading only the columns the loop uses."""
     datasets = {}
-    for task in plan.tasks or (plan,):
-        name = getattr(task, "name", "")
+    # A single dataset reads as one unnamed task whose counts are the plan's own.
+    for name, task in [(task.name, task) for task in plan.tasks] or [("", plan)]:
         datasets[train_name(name)] = read_columns(task.train_paths, task.columns)
         if task.eval_batches:
             datasets[validation_name(name)] = read_columns(task.validation_paths, task.columns)

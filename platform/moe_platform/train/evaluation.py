@@ -43,11 +43,6 @@ def distributed_validation_sums(model: torch.nn.Module, batches: Iterable[dict])
     return float(totals[0]), float(totals[1])
 
 
-def distributed_validation(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float]:
-    """Validation loss and perplexity over all workers' batches (every rank must call it)."""
-    return combine_validation({"": distributed_validation_sums(model, batches)})
-
-
 def combine_validation(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
     """{task: (loss sum, tokens)} -> val/loss and val/perplexity over all tokens, plus
     val/<task>/loss and val/<task>/perplexity for each named task of a mixture."""
