@@ -1,6 +1,6 @@
 """How fast is one MoE layer, forward + backward, against a dense SwiGLU of equal active FLOPs?
 
-Variants, run interleaved round by round (so drift in machine load hits all alike):
+Variants, run interleaved round by round, in snake order (so drift in machine load hits all alike):
   native        moe.layer.MoELayer, backend=native (sorted dropless dispatch, grouped GEMM)
   ds_dropless   moe.layer.MoELayer, backend=deepspeed, capacity_factor=0 (drop_tokens=False)
   ds_cap1.0     backend=deepspeed, capacity_factor=1.0   (reports its token drop rate)
@@ -11,7 +11,7 @@ at T tokens, D=512, for three shapes of equal active FLOPs (E=8 k=2 F=1024; E=32
 E=64 k=8 F=256). Memory: peak allocated on CUDA; on CPU (no allocator statistics) the bytes
 autograd saves for backward, the part of the peak that differs between variants.
 
-    python benchmarks/moe_layer.py --rounds 5 [--dtype bf16 --device cuda]
+    python benchmarks/moe_layer.py [--rounds 9] [--dtype bf16 --device cuda]
     python benchmarks/moe_layer.py --threads 1 --clock process   # a CPU box shared with other jobs
 
 On CPU, `--clock process` times this process's CPU time instead of wall time: with one
@@ -154,10 +154,14 @@ def bench_shape(e: int, k: int, f: int, args) -> dict[str, dict]:
     x = torch.randn(1, args.tokens, D_MODEL, generator=g).to(device, dtype).requires_grad_()
     grad = torch.randn(1, args.tokens, D_MODEL, generator=g).to(device, dtype)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, m in variants.items():  # warm-up (and JIT/allocator first-use costs)
-        step(m, x, grad)
-    for _ in range(args.rounds):
-        for name, m in variants.items():
+    for _ in range(2):  # warm-up: first-use costs, and the allocator growing to its working set
+        for m in variants.values():
+            step(m, x, grad)
+    names = list(variants)
+    for r in range(args.rounds):
+        # Snake order (forward, then backward): no variant always runs right after the same one.
+        for name in names if r % 2 == 0 else names[::-1]:
+            m = variants[name]
             sync(device)
             t0 = clock()
             step(m, x, grad)
@@ -209,7 +213,7 @@ def main() -> None:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tokens", type=int, default=4096)

@@ -163,19 +163,34 @@ class GatherRows(torch.autograd.Function):
 
 
 class SumRows(torch.autograd.Function):
-    """The combine, GatherRows' adjoint: out_TD[t] = the sum of token t's rows of y_AD (zero
-    for a token with none), by embedding_bag; its backward is the gather. Unlike index_add,
-    whose autograd keeps the (A, D) source alive for backward, it saves only the index."""
+    """The combine, GatherRows' adjoint: out_TD[t] = the sum of token t's rows of y_AD, each
+    times its combine weight when weight_A is given (zero for a token with no row), by one
+    embedding_bag; its backward is the gather. The weight rides in embedding_bag's
+    per_sample_weights, so weighting costs no pass over (A, D) in forward. Unlike index_add,
+    whose autograd keeps the (A, D) source alive for backward, an unweighted sum saves only
+    the index (a weighted one must keep y_AD for the weight's gradient)."""
 
     @staticmethod
-    def forward(ctx, y_AD: Tensor, token_idx_A: Tensor, rows_A: Tensor, offsets_T: Tensor) -> Tensor:
-        ctx.save_for_backward(token_idx_A)
-        return F.embedding_bag(rows_A, y_AD.contiguous(), offsets_T, mode="sum")
+    def forward(ctx, y_AD: Tensor, weight_A: Optional[Tensor], token_idx_A: Tensor, rows_A: Tensor,
+                offsets_T: Tensor) -> Tensor:
+        y_AD = y_AD.contiguous()
+        if weight_A is None:
+            ctx.save_for_backward(token_idx_A)
+            return F.embedding_bag(rows_A, y_AD, offsets_T, mode="sum")
+        w_A = weight_A.to(y_AD.dtype)
+        ctx.save_for_backward(token_idx_A, w_A, y_AD)
+        return F.embedding_bag(rows_A, y_AD, offsets_T, mode="sum", per_sample_weights=w_A[rows_A])
 
     @staticmethod
     def backward(ctx, grad_TD: Tensor):
-        (token_idx_A,) = ctx.saved_tensors
-        return grad_TD.index_select(0, token_idx_A), None, None, None
+        token_idx_A, *weighted = ctx.saved_tensors
+        g_AD = grad_TD.index_select(0, token_idx_A)
+        if not weighted:
+            return g_AD, None, None, None, None
+        w_A, y_AD = weighted
+        # d out / d w_a = y_a: the weight's gradient is a row-wise dot, batched as (A,1,D) @ (A,D,1).
+        dw_A = torch.bmm(g_AD.unsqueeze(1), y_AD.unsqueeze(2)).view(-1) if ctx.needs_input_grad[1] else None
+        return g_AD.mul_(w_A.unsqueeze(1)), dw_A, None, None, None
 
 
 class NativeExperts(DeepSpeedMoE):
@@ -230,12 +245,15 @@ class NativeExperts(DeepSpeedMoE):
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         bags = token_bags(dispatch.token_idx_A, x_TD.shape[0])
         x_AD = GatherRows.apply(x_TD, dispatch.token_idx_A, *bags)
+        # The combine weight goes on the narrower side: onto the hidden rows (A, F) before w2
+        # when F <= D, else into the combine itself (free in forward). EP > 1 always combines.
+        weight_hidden = self.ep_size == 1 and self.w1.shape[1] <= self.w1.shape[2]
         if self.ep_size == 1:
             y_AD = swiglu_experts(x_AD, self.w1, self.w2, self.w3, dispatch.counts_E,
-                                  dispatch.weight_A, self.use_grouped_mm)
+                                  dispatch.weight_A if weight_hidden else None, self.use_grouped_mm)
         else:
-            y_AD = self._expert_parallel(x_AD, dispatch.counts_E) * dispatch.weight_A.unsqueeze(1).to(x_AD.dtype)
-        return SumRows.apply(y_AD, dispatch.token_idx_A, *bags)
+            y_AD = self._expert_parallel(x_AD, dispatch.counts_E)
+        return SumRows.apply(y_AD, None if weight_hidden else dispatch.weight_A, dispatch.token_idx_A, *bags)
 
     def _expert_parallel(self, x_AD: Tensor, counts_E: Tensor) -> Tensor:
         """Send rows to the ranks owning their experts, compute, send results back."""

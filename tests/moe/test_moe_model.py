@@ -76,7 +76,8 @@ def test_dense_model_has_zero_router_losses() -> None:
     dict(top_k=1),
     dict(top_k=3, num_shared_experts=1, expert_hidden=8),  # DeepSpeed's generic top-k gate, fine-grained
     dict(top_k=2, capacity_factor=4.0),  # a capacity large enough that nothing drops
-], ids=["k2", "k1", "k3_shared", "k2_roomy_capacity"])
+    dict(top_k=2, expert_hidden=64),  # F > D: native weights its rows in the combine, not before w2
+], ids=["k2", "k1", "k3_shared", "k2_roomy_capacity", "k2_wide_experts"])
 def test_backends_give_same_outputs_and_gradients(moe: dict) -> None:
     native = build(tiny("native", **moe))
     ds = MoETransformer(tiny("deepspeed", **moe))
