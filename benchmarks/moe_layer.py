@@ -16,10 +16,11 @@ autograd saves for backward, the part of the peak that differs between variants.
 
 On CPU, `--clock process` times this process's CPU time instead of wall time: with one
 thread it is what the layer costs, and other processes on the machine barely move it.
-Also on CPU (unless --no-malloc-tuning) glibc is told not to mmap large blocks: by default
-every fresh tensor of >= 32 MB is a new mmap whose pages fault in on first touch, which made
-a 64 MB gather 5x slower than the copy itself. It applies to every variant alike (a training
-job on CPU wants the same setting).
+Also on CPU (unless --no-malloc-tuning) glibc is told not to mmap large blocks and never to
+trim its heap, and 3 GB of heap (--heap-gib) is faulted in before timing: otherwise fresh
+pages fault in on first touch inside timed steps (a 64 MB gather ran 5x slower than the copy
+itself; a native step that grew the heap by 32 MB took 100 ms longer). That is the steady
+state a training run reaches after its first steps; it applies to every variant alike.
 
 The last line is machine-readable:
     native_vs_dense=<r8>,<r32>,<r64> deepspeed_dropless_vs_native=<d8>,<d32>,<d64>
@@ -137,14 +138,21 @@ def clock() -> float:
     return time.process_time() if ARGS.clock == "process" else time.perf_counter()
 
 
-def tune_cpu_malloc() -> None:
-    """Keep large blocks on glibc's heap (no per-allocation mmap + page faults)."""
+def tune_cpu_malloc(heap_gib: float) -> None:
+    """Keep large blocks on glibc's heap (no per-allocation mmap + page faults), and fault in
+    `heap_gib` of heap before timing. glibc 2.36's posix_memalign (every torch CPU tensor)
+    asks for 64 + 32 bytes more than a freed block of the same size offers, so the heap keeps
+    growing for many steps, and every growth is fresh pages faulted in during a timed step
+    (on this VM ~100 ms per 32 MB). A training run reaches the steady state after its first
+    steps; the benchmark reaches it by touching its working set once up front."""
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
+    libc.mallopt(m_trim_threshold, -1)  # -1: never give the heap back (mallopt(3))
+    blocks = [torch.zeros(8 << 20) for _ in range(int(heap_gib * 32))]  # 32 MB each
+    del blocks  # freed in order: they coalesce into the heap's top, faulted in and kept
 
 
 def bench_shape(e: int, k: int, f: int, args) -> dict[str, dict]:
@@ -220,7 +228,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--clock", choices=("wall", "process"), default="wall",
                    help="wall time, or this process's CPU time (CPU only; use with --threads 1)")
-    p.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc's mmap threshold alone (CPU)")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc alone: default mmap threshold, no pre-faulted heap (CPU)")
+    p.add_argument("--heap-gib", type=float, default=3.0, help="heap to fault in before timing (CPU)")
     return p.parse_args()
 
 
@@ -231,5 +241,5 @@ if __name__ == "__main__":
     if ARGS.clock == "process" and torch.device(ARGS.device).type != "cpu":
         raise SystemExit("--clock process measures CPU time; use the wall clock on an accelerator.")
     if torch.device(ARGS.device).type == "cpu" and not ARGS.no_malloc_tuning:
-        tune_cpu_malloc()
+        tune_cpu_malloc(ARGS.heap_gib)
     main()
