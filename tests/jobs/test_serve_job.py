@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -117,9 +118,18 @@ def test_blocking_job_serves_until_ctrl_c_then_deletes_its_app(job_env, job_expo
         assert any(f"/{name}" in line for line in lines)
         health = CompletionsClient(f"http://127.0.0.1:{session_serve_port}/{name}").request("GET", "/healthz")
         assert health.status == 200
+        # Keep reading: a job whose stdout pipe fills up (Ray streams the replicas' logs to it)
+        # blocks in write() and never exits, which would look like a hung shutdown.
+        drain = threading.Thread(target=lines.extend, args=(process.stdout,), daemon=True)
+        drain.start()
         process.send_signal(signal.SIGINT)
         # Generous: deleting the app on a 2-core box shared with other suites can take a while.
-        assert process.wait(timeout=180) == 0
+        try:
+            code = process.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the job did not exit within 180 s of Ctrl-C; its last output:\n"
+                                 + "".join(lines[-40:])) from None
+        assert code == 0, "".join(lines[-40:])
         assert name not in serve.status().applications
     finally:
         if process.poll() is None:
