@@ -123,20 +123,15 @@ class GateUp(torch.autograd.Function):
 
 def swiglu_experts(x_AD: Tensor, w1_EFD: Tensor, w2_EDF: Tensor, w3_EFD: Tensor, counts_E: Tensor,
                    weight_A: Optional[Tensor] = None, use_grouped_mm: Optional[bool] = None) -> Tensor:
-    """SwiGLU of each row through its expert; rows must be grouped by expert."""
+    """SwiGLU of each row through its expert; rows must be grouped by expert. weight_A, when
+    given, scales each row's hidden activations before w2 ((h * w) @ W2 == w * (h @ W2))."""
     if use_grouped_mm is None:
         use_grouped_mm = grouped_mm_supported(x_AD, w1_EFD)
     g_AF, u_AF = GateUp.apply(x_AD, w1_EFD, w3_EFD, counts_E, use_grouped_mm)
     h_AF = F.silu(g_AF) * u_AF
-    # (h * w) @ W2 == w * (h @ W2): apply the combine weight on the narrower side (F or D),
-    # since it costs three elementwise passes (forward, and two in backward).
-    weight_hidden = weight_A is not None and h_AF.shape[1] <= w2_EDF.shape[1]
-    if weight_hidden:
+    if weight_A is not None:
         h_AF = h_AF * weight_A.unsqueeze(1).to(h_AF.dtype)
-    y_AD = grouped_linear(h_AF, w2_EDF, counts_E, use_grouped_mm)
-    if weight_A is not None and not weight_hidden:
-        y_AD = y_AD * weight_A.unsqueeze(1).to(y_AD.dtype)
-    return y_AD
+    return grouped_linear(h_AF, w2_EDF, counts_E, use_grouped_mm)
 
 
 def token_bags(token_idx_A: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
@@ -245,8 +240,9 @@ class NativeExperts(DeepSpeedMoE):
     def forward(self, x_TD: Tensor, dispatch: Dispatch) -> Tensor:
         bags = token_bags(dispatch.token_idx_A, x_TD.shape[0])
         x_AD = GatherRows.apply(x_TD, dispatch.token_idx_A, *bags)
-        # The combine weight goes on the narrower side: onto the hidden rows (A, F) before w2
-        # when F <= D, else into the combine itself (free in forward). EP > 1 always combines.
+        # The combine weight costs elementwise passes over whatever it scales, so it goes on the
+        # narrower side: the hidden rows (A, F) before w2 when F <= D, else the combine (free in
+        # forward: embedding_bag's per_sample_weights). EP > 1 always weights in the combine.
         weight_hidden = self.ep_size == 1 and self.w1.shape[1] <= self.w1.shape[2]
         if self.ep_size == 1:
             y_AD = swiglu_experts(x_AD, self.w1, self.w2, self.w3, dispatch.counts_E,

@@ -54,6 +54,12 @@ def write_export(sd: dict[str, torch.Tensor], config: ModelConfig, out_dir: Path
     return out
 
 
+def export_tokenizer(export_dir: PathLike) -> Optional[Path]:
+    """The export's tokenizer.json, or None when it has none (a transform then writes none)."""
+    path = Path(export_dir) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
 def load_export_config(export_dir: PathLike) -> ModelConfig:
     d = json.loads((Path(export_dir) / "config.json").read_text())
     version = d.pop("format_version", None)

@@ -465,7 +465,7 @@ def merge_adapter(base_export_dir: Optional[PathLike], adapter_dir: PathLike, ou
     base_export_dir None: the one recorded in adapter_config.json."""
     from safetensors.torch import load_file
 
-    from .export import load_export_config, write_export
+    from .export import export_tokenizer, load_export_config, write_export
 
     config, recorded = read_adapter_config(adapter_dir)
     base = Path(base_export_dir if base_export_dir is not None else recorded or "")
@@ -484,5 +484,4 @@ def merge_adapter(base_export_dir: Optional[PathLike], adapter_dir: PathLike, ou
             raise ValueError(f"the adapter's {w_key} has shape {tuple(delta.shape)}; the base export's is "
                              f"{tuple(w.shape)}.")
         weights[w_key] = (w.float() + delta).to(w.dtype)
-    tokenizer = base / "tokenizer.json"
-    return write_export(weights, load_export_config(base), out_dir, tokenizer if tokenizer.is_file() else None)
+    return write_export(weights, load_export_config(base), out_dir, export_tokenizer(base))

@@ -30,9 +30,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import ModelConfig
-from .export import load_export_config
+from .export import export_tokenizer, load_export_config, write_export
 from .model import MoETransformer
-from .export import write_export
 
 PathLike = Union[str, Path]
 EXPERT_KEYS = ("experts.w1", "experts.w2", "experts.w3", "router.weight", "router.balance_bias")
@@ -102,8 +101,7 @@ def prune_export(export_dir: PathLike, out_dir: PathLike, keep_ids: list[list[in
     """Prune the export in export_dir into out_dir (tokenizer.json copied when present)."""
     src = Path(export_dir)
     sd, config = prune_state(load_file(str(src / "model.safetensors")), load_export_config(src), keep_ids)
-    tokenizer = src / "tokenizer.json"
-    return write_export(sd, config, out_dir, tokenizer if tokenizer.exists() else None)
+    return write_export(sd, config, out_dir, export_tokenizer(src))
 
 
 def _check_keep_ids(keep_ids: list[list[int]], config: ModelConfig, num_layers: int) -> list[list[int]]:

@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import ModelConfig, MoEConfig
-from .export import load_export_config, write_export
+from .export import export_tokenizer, load_export_config, write_export
 from .state import canonical_shapes
 
 PathLike = Union[str, Path]
@@ -98,9 +98,4 @@ def upcycle_export(dense_export_dir: PathLike, out_dir: PathLike, moe: MoEConfig
     """Upcycle the export in dense_export_dir into out_dir (tokenizer.json copied when present)."""
     src = Path(dense_export_dir)
     sd, config = upcycle_state(load_file(str(src / "model.safetensors")), load_export_config(src), moe, seed=seed)
-    return write_export(sd, config, out_dir, tokenizer_file=_tokenizer(src))
-
-
-def _tokenizer(export_dir: Path) -> Optional[Path]:
-    path = export_dir / "tokenizer.json"
-    return path if path.exists() else None
+    return write_export(sd, config, out_dir, tokenizer_file=export_tokenizer(src))
