@@ -5,6 +5,9 @@ L local experts (E / ep), F expert hidden.
 
 After each forward the layer holds `aux_losses` ({"balance", "z"}, with gradient) and,
 only while `collect_stats` is on, `stats` (detached CPU values, see `router.routing_stats`).
+Training forwards also add their routed counts to `window_load_E` (one (E,) add on the
+device, no host sync), which `MoETransformer.pop_expert_load()` reads and clears: the
+load over a whole logging window, not one micro-batch, is what tells a dead expert.
 `tokens_per_expert` counts this rank's tokens per GLOBAL expert, before capacity
 dropping; sum it over data-parallel ranks for the global load.
 
@@ -46,6 +49,7 @@ class MoELayer(nn.Module):
         self.collect_stats = False
         self.stats: Optional[dict] = None
         self.aux_losses: dict[str, Tensor] = {}
+        self.register_buffer("window_load_E", torch.zeros(m.num_experts, dtype=torch.long), persistent=False)
 
     @property
     def router_weight(self) -> nn.Parameter:
@@ -64,6 +68,8 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         self.aux_losses = self._losses(info)
+        if self.training:
+            self.window_load_E += info.routed_E.detach().to(self.window_load_E.device)
         self.stats = routing_stats(info) if self.collect_stats else None
         return y_TD.view_as(x_BTD)
 

@@ -193,6 +193,15 @@ class MoETransformer(nn.Module):
             layer.collect_stats = enabled
             layer.stats = None
 
+    def pop_expert_load(self) -> list[tuple[int, Tensor]]:
+        """(block index, (E,) int64 assignments per global expert) per MoE layer, summed over this
+        rank's training forwards since the last call, which clears them."""
+        loads = []
+        for i, layer in self.moe_layers():
+            loads.append((i, layer.window_load_E.clone()))
+            layer.window_load_E.zero_()
+        return loads
+
     def routing_stats(self) -> list[dict]:
         """Per MoE layer, from the last forward: layer, tokens_per_expert (CPU int64, this rank's
         tokens per global expert before dropping), dropped_fraction, router_entropy (nats),

@@ -12,6 +12,8 @@ ranks: [0, 1], [2, 3], ... for ep=2.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -81,6 +83,44 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0, **group_
     return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
 
 
+@dataclass
+class CommMeter:
+    """What this rank's expert-parallel all-to-alls cost while `measuring` is on: bytes sent
+    (rows leaving for other ranks and their gradients coming back) and seconds inside the calls.
+    Off by default: on a GPU, timing a call means synchronising around it."""
+
+    measuring: bool = False
+    bytes_sent: int = 0
+    seconds: float = 0.0
+
+    def start(self) -> None:
+        self.measuring, self.bytes_sent, self.seconds = True, 0, 0.0
+
+    def stop(self) -> tuple[int, float]:
+        self.measuring = False
+        return self.bytes_sent, self.seconds
+
+
+ALL_TO_ALL = CommMeter()
+
+
+def _all_to_all(out: Tensor, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
+    if not ALL_TO_ALL.measuring:
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+        return
+    on_gpu = x.is_cuda
+    if on_gpu:
+        torch.cuda.synchronize(x.device)
+    started = time.perf_counter()
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    if on_gpu:
+        torch.cuda.synchronize(x.device)
+    ALL_TO_ALL.seconds += time.perf_counter() - started
+    own = dist.get_rank(group)
+    row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+    ALL_TO_ALL.bytes_sent += (sum(in_splits) - in_splits[own]) * row_bytes
+
+
 class _AllToAllV(torch.autograd.Function):
     """all_to_all_single with uneven splits; the backward sends gradients back the same way."""
 
@@ -88,7 +128,7 @@ class _AllToAllV(torch.autograd.Function):
     def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        _all_to_all(out, x.contiguous(), out_splits, in_splits, group)
         return out
 
     @staticmethod

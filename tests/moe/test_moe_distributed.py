@@ -16,11 +16,13 @@ import pytest
 import torch
 
 from moe import ModelConfig, MoEConfig, MoETransformer, load_export, optimizer_param_groups, save_export
+from moe.parallel import ALL_TO_ALL
 from moe.testing import run_distributed_test
 
 STEPS = 4
 WORLD = 2
 MICRO = 2  # sequences per rank per step
+COMM: dict[str, tuple[int, float]] = {}  # run -> (bytes sent, seconds) of rank 0's first step
 
 
 def tiny_config(backend: str) -> ModelConfig:
@@ -51,11 +53,15 @@ def train(backend: str, ep: int, zero_stage: int, out: Path) -> list[float]:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     rank = dist.get_rank()
     losses = []
-    for batch in global_batches(config):
+    for step, batch in enumerate(global_batches(config)):
+        if step == 0:
+            ALL_TO_ALL.start()  # what the first step's expert all-to-alls send and take
         mine = batch[rank * MICRO:(rank + 1) * MICRO]
         _, loss = engine(mine[:, :-1], mine[:, 1:])
         engine.backward(loss)
         engine.step()
+        if step == 0:
+            COMM[f"{backend}_ep{ep}_zero{zero_stage}"] = ALL_TO_ALL.stop()
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / WORLD)
@@ -100,6 +106,7 @@ def _worker(out_dir: str) -> None:
             results[f"{backend}_ep{ep}_zero{stage}"] = train(backend, ep, stage, out)
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps(results))
+        (out / "comm.json").write_text(json.dumps(COMM))
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +157,12 @@ def test_canonical_state_is_ep_independent(dist_run: Path) -> None:
     assert sd["layers.0.ffn.experts.w1"].shape == (4, 24, 32)
     assert dataclasses.asdict(load_export(dist_run / "export_native").config) == dataclasses.asdict(
         tiny_config("native"))
+
+
+def test_all_to_all_cost_is_measured_only_where_experts_travel(dist_run: Path) -> None:
+    comm = json.loads((dist_run / "comm.json").read_text())
+    sent, seconds = comm["native_ep2_zero1"]
+    assert sent > 0 and seconds > 0  # rows and gradients crossed to the other rank
+    assert sent % (32 * 4) == 0  # whole fp32 rows of d_model=32
+    assert comm["native_ep1_zero1"] == [0, 0.0]  # EP=1: no all-to-all at all
+    assert comm["deepspeed_ep2_zero1"] == [0, 0.0]  # DeepSpeed's own all-to-alls are not ours to count

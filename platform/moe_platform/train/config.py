@@ -45,7 +45,8 @@ class TrainerConfig:
     # Fractional on purpose: workers holding every CPU starve Ray Data, which then hangs
     # without an error (RAY_NOTES.md). GPU runs keep it small too.
     cpus_per_worker: float = 0.5
-    # Intra-op threads per worker; null keeps Ray's choice (OMP_NUM_THREADS from the CPU request).
+    # Intra-op threads per worker; null = the node's cores shared evenly among the training workers
+    # on it (engine.intra_op_threads: Ray's own choice from a 0.5-CPU request would be 1 thread).
     torch_threads: Optional[int] = None
 
     # ---- objective and optimiser ----------------------------------------------------------
@@ -88,6 +89,9 @@ class TrainerConfig:
     eval_every: int = 100  # 0 = evaluate only at the end
     eval_batches: Optional[int] = 20  # per worker; null = the whole validation split
     checkpoint_every: int = 100  # a checkpoint is always written at the last step too
+    # Routing health: an expert is "dead" in a logging interval when its share of its layer's
+    # assignments is below this fraction of the uniform share 1/E (0.25: under a quarter of it).
+    dead_expert_threshold: float = 0.25
     # Dense peak FLOP/s of one worker's device, for the MFU estimate
     # (e.g. 989e12 for an H100 in bf16; a laptop CPU core is ~5e10).
     peak_flops_per_worker: float = 1e11
@@ -147,6 +151,8 @@ class TrainerConfig:
             self.eval_batches is None or self.eval_batches >= 1,
             f"trainer.eval_batches must be >= 1 or null (the whole split), got {self.eval_batches}",
         )
+        _require(0 < self.dead_expert_threshold <= 1,
+                 f"trainer.dead_expert_threshold must be in (0, 1], got {self.dead_expert_threshold}")
         _require(
             self.peak_flops_per_worker > 0,
             f"trainer.peak_flops_per_worker must be > 0, got {self.peak_flops_per_worker}",

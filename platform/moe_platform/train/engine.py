@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
+from typing import Optional
 
 import torch
 
@@ -89,3 +91,20 @@ def init_deepspeed_comm(backend: str) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def intra_op_threads(configured: Optional[int], workers_on_node: int) -> int:
+    """torch's intra-op threads for one training worker: trainer.torch_threads, or by default the
+    node's cores shared evenly among the training workers on it.
+
+    Ray sets OMP_NUM_THREADS from the CPU *request* (1 for the default 0.5 CPU), which leaves
+    cores idle: a lone worker on a 2-core machine would compute on one. The CPU request stays
+    fractional so Ray Data can always schedule its tasks (a fully booked node hangs it); Ray Data's
+    share of the work is small (reading and shuffling rows: the data wait is well under 2% of a
+    step, benchmarks/train_throughput.py), so the workers' threads take every core and Ray Data's
+    processes take the moments they need from them.
+    """
+    if configured is not None:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, workers_on_node))

@@ -14,10 +14,14 @@ from typing import Iterable, Optional
 
 import torch
 
+from moe_platform.train.config import TrainerConfig
 from moe_platform.train.metrics import LayerRouting, aggregate_routing, all_reduce_sum
 from moe_platform.train.objective import language_modeling
 
 log = logging.getLogger(__name__)
+
+# Same default as trainer.dead_expert_threshold: under a quarter of the uniform share is dead.
+DEAD_EXPERT_THRESHOLD = TrainerConfig.dead_expert_threshold
 
 
 @torch.no_grad()
@@ -85,10 +89,16 @@ class EvaluationReport:
         ]
         for layer in self.routing:
             share = layer.load_share
+            dead = layer.dead_experts(DEAD_EXPERT_THRESHOLD)
             lines.append(
-                f"moe block {layer.layer}: max/mean load {layer.max_mean_load:.2f}, dropped {layer.dropped_fraction:.1%}, "
-                f"router entropy {layer.router_entropy:.3f}, load share min {share.min():.3f} max {share.max():.3f}"
+                f"moe block {layer.layer}: max/mean load {layer.max_mean_load:.2f}, load CV {layer.load_cv:.2f}, "
+                f"share min {share.min():.3f} max {share.max():.3f} (uniform {1 / len(share):.3f}), "
+                f"dead experts {dead}, dropped {layer.dropped_fraction:.1%}, router entropy {layer.router_entropy:.3f}"
             )
+        dead_blocks = [layer.layer for layer in self.routing if layer.dead_experts(DEAD_EXPERT_THRESHOLD)]
+        if dead_blocks:
+            lines.append(f"WARNING: blocks {dead_blocks} have dead experts (share below "
+                         f"{DEAD_EXPERT_THRESHOLD:g} x uniform on this split)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -107,6 +117,10 @@ class EvaluationReport:
                     "dropped_fraction": layer.dropped_fraction,
                     "router_entropy": layer.router_entropy,
                     "max_mean_load": layer.max_mean_load,
+                    "load_cv": layer.load_cv,
+                    "min_share": float(layer.load_share.min()),
+                    "max_share": float(layer.load_share.max()),
+                    "dead_experts": layer.dead_experts(DEAD_EXPERT_THRESHOLD),
                 }
                 for layer in self.routing
             ],

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 
+from moe.parallel import ALL_TO_ALL
 from moe_platform.train.checkpointing import TrainState, checkpoint_dir_name, restore_checkpoint, write_checkpoint
 from moe_platform.train.config import StageConfig
 from moe_platform.train.data import (
@@ -34,9 +35,15 @@ from moe_platform.train.data import (
     validation_batches,
     validation_name,
 )
-from moe_platform.train.engine import build_engine, init_deepspeed_comm
+from moe_platform.train.engine import build_engine, init_deepspeed_comm, intra_op_threads
 from moe_platform.train.evaluation import combine_validation, distributed_validation_sums
-from moe_platform.train.metrics import TensorBoardLog, ThroughputMeter, aggregate_routing, all_reduce_sum
+from moe_platform.train.metrics import (
+    TensorBoardLog,
+    ThroughputMeter,
+    aggregate_routing,
+    all_reduce_sum,
+    routing_scalars,
+)
 from moe_platform.train.model_io import build_model, load_export_weights, write_model_export
 from moe_platform.train.objective import build_objective
 from moe_platform.train.plan import TrainPlan
@@ -71,8 +78,7 @@ class _StageRun:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        if self.trainer.torch_threads:
-            torch.set_num_threads(self.trainer.torch_threads)
+        torch.set_num_threads(intra_op_threads(self.trainer.torch_threads, context.get_local_world_size()))
         init_deepspeed_comm("nccl" if self.trainer.use_gpu else "gloo")
 
         checkpoint = ray.train.get_checkpoint()
@@ -116,6 +122,7 @@ class _StageRun:
         self._interval_sums = torch.zeros(len(self.terms) + 1, dtype=torch.float64, device=self.device)
         self._interval_micro_batches = 0
         self._routing_collected = False
+        self._comm: dict[str, float] = {}  # expert-parallel all-to-all cost of the last logging step
         self.latest: dict[str, float] = {}
 
     # ---- start ---------------------------------------------------------------------------------
@@ -175,6 +182,11 @@ class _StageRun:
         self.model.set_routing_stats(collect_routing)
         self._routing_collected = collect_routing
         self._lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler steps after it)
+        # Only the native backend's all-to-alls are ours to measure (DeepSpeed's run inside its MoE layer).
+        measure_comm = (collect_routing and self.trainer.expert_parallel_size > 1
+                        and self.stage.model.moe.backend == "native")
+        if measure_comm:
+            ALL_TO_ALL.start()
         started = time.perf_counter()
         data_wait = 0.0
         for _ in range(self.trainer.grad_accum_steps):
@@ -191,7 +203,12 @@ class _StageRun:
         self.state.position = self.batches.position
         if isinstance(self.batches, MixtureBatches):
             self.state.draws, self.state.task_positions = self.batches.draws, self.batches.task_positions
-        self.meter.add_step(time.perf_counter() - started, data_wait)
+        seconds = time.perf_counter() - started
+        self.meter.add_step(seconds, data_wait)
+        if measure_comm:
+            sent, comm_seconds = ALL_TO_ALL.stop()
+            self._comm = {"perf/all_to_all_bytes_per_step": float(sent),
+                          "perf/all_to_all_time_fraction": comm_seconds / max(seconds, 1e-9)}
 
     def _accumulate(self, output) -> None:
         # Summed where the loss lives: no host sync per micro-batch on a GPU.
@@ -234,15 +251,31 @@ class _StageRun:
             "train/lr": float(self._lr),
             "train/grad_norm": _as_float(self.engine.get_global_grad_norm()),
             **{f"perf/{name}": value for name, value in self.meter.snapshot().items()},
+            **self._comm_means(),
             "progress/tokens": float(self.state.tokens),
             "progress/epoch": float(self.state.position.epoch),
         }
-        # Routing statistics describe the step's last micro-batch, summed over all workers.
-        routing = aggregate_routing(self.model.routing_stats(), all_reduce=True) if self._routing_collected else []
+        # Loads cover the whole interval (every micro-batch of every worker); entropy and dropped
+        # fraction describe the step's last micro-batch.
+        window_load = self.model.pop_expert_load()
+        routing = aggregate_routing(self.model.routing_stats(), all_reduce=True,
+                                    window_load=window_load) if self._routing_collected else []
+        routing_values = routing_scalars(routing, self.trainer.dead_expert_threshold)
         self.tensorboard.scalars(step, scalars)
-        self.tensorboard.routing(step, routing)
+        self.tensorboard.routing(step, routing, self.trainer.dead_expert_threshold)
         self.tensorboard.flush()
         self.latest.update(scalars)
+        # Reports carry the health numbers, so the driver's progress line can warn about dead experts.
+        self.latest.update({k: v for k, v in routing_values.items() if k.endswith(("dead_experts", "max_mean_load"))})
+
+    def _comm_means(self) -> dict[str, float]:
+        """The logging step's all-to-all bytes (per rank) and time share, averaged over ranks.
+        Every rank has the same keys (all measure the same steps), so the all-reduce matches."""
+        if not self._comm:
+            return {}
+        keys = sorted(self._comm)
+        means = all_reduce_sum(torch.tensor([self._comm[k] for k in keys], dtype=torch.float64)) / self.world_size
+        return dict(zip(keys, means.tolist()))
 
     def _validate(self, step: int) -> None:
         if not self.plan.eval_batches:

@@ -7,8 +7,12 @@ same scalars go to `ray.train.report` every `report_every` steps. Tags:
     perf/tokens_per_s, perf/mfu, perf/data_wait_fraction, perf/step_time_s
     val/loss, val/perplexity
     moe/layer_<block>/tokens_per_expert (histogram: bucket e = expert e's token count)
-    moe/layer_<block>/dropped_fraction, router_entropy, max_mean_load
+    moe/layer_<block>/dropped_fraction, router_entropy (the interval's last micro-batch)
+    moe/layer_<block>/max_mean_load, load_cv, min_share, max_share, dead_experts
+        (the load over the whole logging interval, all micro-batches of all workers)
+    moe/dead_experts (sum over layers)
     moe/expert_load (image: layers x experts, share of each layer's tokens)
+    perf/all_to_all_bytes_per_step, perf/all_to_all_time_fraction (expert parallel, native backend)
 
 Shapes: L = MoE layers, E = experts.
 """
@@ -105,15 +109,31 @@ class LayerRouting:
         total = float(self.tokens_per_expert.sum())
         return self.tokens_per_expert / total if total > 0 else self.tokens_per_expert.astype(float)
 
+    @property
+    def load_cv(self) -> float:
+        """Coefficient of variation of the load (std / mean): 0 when perfectly balanced."""
+        mean = float(self.tokens_per_expert.mean())
+        return float(self.tokens_per_expert.std()) / mean if mean > 0 else 0.0
 
-def aggregate_routing(stats: list[dict[str, Any]], *, all_reduce: bool) -> list[LayerRouting]:
+    def dead_experts(self, threshold: float) -> int:
+        """Experts whose share is below `threshold` x the uniform share 1/E (none when nothing was routed)."""
+        if float(self.tokens_per_expert.sum()) == 0:
+            return 0
+        return int((self.load_share < threshold / len(self.tokens_per_expert)).sum())
+
+
+def aggregate_routing(stats: list[dict[str, Any]], *, all_reduce: bool,
+                      window_load: Optional[list] = None) -> list[LayerRouting]:
     """The model's per-layer stats -> LayerRouting, summed (counts) / averaged (rates) over ranks.
 
-    Every rank must call this with all_reduce=True together (it is one collective).
+    `window_load`: `model.pop_expert_load()`, the counts of a whole logging interval, which
+    then replace the last micro-batch's counts. Every rank must call this with all_reduce=True
+    together (it is one collective).
     """
     if not stats:
         return []
-    counts_LE = torch.stack([torch.as_tensor(s["tokens_per_expert"]).detach().double().cpu() for s in stats])
+    counts = [s["tokens_per_expert"] for s in stats] if window_load is None else [c for _, c in window_load]
+    counts_LE = torch.stack([torch.as_tensor(c).detach().double().cpu() for c in counts])
     rates_L2 = torch.tensor([[float(s["dropped_fraction"]), float(s["router_entropy"])] for s in stats],
                             dtype=torch.float64)
     if all_reduce and torch.distributed.is_initialized():
@@ -127,12 +147,22 @@ def aggregate_routing(stats: list[dict[str, Any]], *, all_reduce: bool) -> list[
     ]
 
 
-def routing_scalars(layers: list[LayerRouting]) -> dict[str, float]:
+def routing_scalars(layers: list[LayerRouting], dead_threshold: float) -> dict[str, float]:
     scalars = {}
     for layer in layers:
-        scalars[f"moe/layer_{layer.layer}/dropped_fraction"] = layer.dropped_fraction
-        scalars[f"moe/layer_{layer.layer}/router_entropy"] = layer.router_entropy
-        scalars[f"moe/layer_{layer.layer}/max_mean_load"] = layer.max_mean_load
+        share = layer.load_share
+        prefix = f"moe/layer_{layer.layer}/"
+        scalars.update({
+            prefix + "dropped_fraction": layer.dropped_fraction,
+            prefix + "router_entropy": layer.router_entropy,
+            prefix + "max_mean_load": layer.max_mean_load,
+            prefix + "load_cv": layer.load_cv,
+            prefix + "min_share": float(share.min()),
+            prefix + "max_share": float(share.max()),
+            prefix + "dead_experts": float(layer.dead_experts(dead_threshold)),
+        })
+    if layers:
+        scalars["moe/dead_experts"] = float(sum(layer.dead_experts(dead_threshold) for layer in layers))
     return scalars
 
 
@@ -186,10 +216,10 @@ class TensorBoardLog:
         for tag, value in values.items():
             self._writer.add_scalar(tag, value, step)
 
-    def routing(self, step: int, layers: list[LayerRouting]) -> None:
+    def routing(self, step: int, layers: list[LayerRouting], dead_threshold: float) -> None:
         if self._writer is None or not layers:
             return
-        self.scalars(step, routing_scalars(layers))
+        self.scalars(step, routing_scalars(layers, dead_threshold))
         for layer in layers:
             counts = layer.tokens_per_expert.astype(float)
             experts = np.arange(len(counts), dtype=float)

@@ -47,6 +47,7 @@ OPERATIONAL_KEYS = frozenset({
     "trainer.cpus_per_worker", "trainer.torch_threads", "trainer.prefetch_batches",
     "trainer.log_every", "trainer.report_every", "trainer.eval_every", "trainer.eval_batches",
     "trainer.checkpoint_every", "trainer.peak_flops_per_worker", "trainer.fail_at_step",
+    "trainer.dead_expert_threshold",
 })
 
 

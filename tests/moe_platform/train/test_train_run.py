@@ -61,12 +61,17 @@ def test_tensorboard_holds_training_routing_and_validation_metrics(ep2_run):
     tags = accumulator.Tags()
     for tag in ("train/loss", "train/lm_loss", "train/balance_loss", "train/z_loss", "train/lr", "train/grad_norm",
                 "perf/tokens_per_s", "perf/mfu", "perf/data_wait_fraction", "val/loss", "val/perplexity",
-                "moe/layer_0/dropped_fraction", "moe/layer_1/router_entropy", "moe/layer_1/max_mean_load"):
+                "moe/layer_0/dropped_fraction", "moe/layer_1/router_entropy", "moe/layer_1/max_mean_load",
+                "moe/layer_1/load_cv", "moe/layer_1/min_share", "moe/layer_1/max_share", "moe/layer_1/dead_experts",
+                "moe/dead_experts", "perf/all_to_all_bytes_per_step", "perf/all_to_all_time_fraction"):
         assert tag in tags["scalars"], tag
     histogram = accumulator.Histograms("moe/layer_0/tokens_per_expert")[-1].histogram_value
     assert len(histogram.bucket) == 4  # one bucket per expert
-    # 2 workers x 8 rows x 32 tokens, top-2: every token-expert assignment is counted once.
-    assert sum(histogram.bucket) == 2 * 8 * SEQ_LEN * 2
+    # The load of a whole logging interval (2 steps) x 2 workers x 8 rows x 32 tokens, top-2: every
+    # token-expert assignment of the interval is counted once.
+    assert sum(histogram.bucket) == 2 * 2 * 8 * SEQ_LEN * 2
+    bytes_sent = read_scalars(result.tensorboard_dir)["perf/all_to_all_bytes_per_step"]
+    assert all(value > 0 for _, value in bytes_sent)  # EP=2: rows travel to the other worker every step
     image = accumulator.Images("moe/expert_load")[-1]
     assert image.width > 0 and image.height > 0
     grad_norms = [value for _, value in read_scalars(result.tensorboard_dir)["train/grad_norm"]]
