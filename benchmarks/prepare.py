@@ -31,7 +31,8 @@ import tokenizers
 
 from moe_platform.data import DataConfig
 from moe_platform.data.prepare import prepare_dataset
-from moe_platform.data.sources import Document, find_corpus, read_documents
+from moe_platform.data.records import Document, RecordFormat, read_records
+from moe_platform.data.sources import find_corpus
 from moe_platform.data.tokenizer import encode_documents, encoder_from_json, tokenizer_json
 
 
@@ -50,7 +51,7 @@ def loop_run(config: DataConfig, serialized_tokenizer: str, eos_id: int, *, thre
         start = time.perf_counter()
         encoder, tokens = encoder_from_json(serialized_tokenizer), 0
         for file in find_corpus(config).files:
-            documents = read_documents(file, text_field=config.text_field, text_column=config.text_column)
+            documents = read_records(file, RecordFormat.of(config))
             texts = [d.text for d in documents if isinstance(d, Document)]
             tokens += sum(len(t) for t in encode_documents(encoder, texts, eos_id))
         return time.perf_counter() - start, tokens
