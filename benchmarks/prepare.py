@@ -13,7 +13,7 @@ Measures tokens/s of
         (TOKENIZERS_PARALLELISM=false), the honest one-core baseline.
 Runs interleave (ray, loop, loop-1-thread, ray, ...) so load changes hit all alike; medians
 are reported. Ray start-up is outside the timing (a cluster is up before a job runs).
-Record results with date and machine in benchmarks/README.md.
+Record results with date, machine and load in benchmarks/RESULTS.md (method: docs/benchmarking.md).
 """
 from __future__ import annotations
 

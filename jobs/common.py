@@ -122,7 +122,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
     else:
         # No cluster given: a local instance sized to this machine. The dashboard stays on:
-        # without it Tune leaks placement groups of trials that ASHA stops (RAY_NOTES.md).
+        # without it Tune leaks placement groups of trials that ASHA stops (docs/ray-notes.md, Tune over Train V2).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
 
 

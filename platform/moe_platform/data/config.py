@@ -67,7 +67,7 @@ class DataConfig:
     shard_rows: int = 8192
     row_group_rows: int = 1024
     # Ray Data: input files per tokenize task, and CPUs per task. Fractional CPUs keep
-    # a fully booked cluster from starving Ray Data (RAY_NOTES.md).
+    # a fully booked cluster from starving Ray Data (docs/ray-notes.md, Data -> Train).
     files_per_task: int = 16
     num_cpus_per_task: float = 0.5
     # Replace a dataset_dir that holds a different dataset (or rewrite the same one).

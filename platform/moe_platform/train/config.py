@@ -43,7 +43,7 @@ class TrainerConfig:
     expert_parallel_size: int = 1
     use_gpu: bool = False
     # Fractional on purpose: workers holding every CPU starve Ray Data, which then hangs
-    # without an error (RAY_NOTES.md). GPU runs keep it small too.
+    # without an error (docs/ray-notes.md, Data -> Train). GPU runs keep it small too.
     cpus_per_worker: float = 0.5
     # Intra-op threads per worker; null keeps Ray's choice (OMP_NUM_THREADS from the CPU request).
     torch_threads: Optional[int] = None
@@ -83,7 +83,7 @@ class TrainerConfig:
 
     # ---- cadences (in optimizer steps) ------------------------------------------------------
     log_every: int = 10  # TensorBoard scalars and routing statistics
-    # ray.train.report is throttled (~2 s per call, RAY_NOTES.md): report every N steps.
+    # ray.train.report is throttled (~2 s per call, docs/ray-notes.md): report every N steps.
     report_every: int = 10
     eval_every: int = 100  # 0 = evaluate only at the end
     eval_batches: Optional[int] = 20  # per worker; null = the whole validation split

@@ -6,7 +6,7 @@ worker that restarts from a checkpoint at (epoch, batches consumed) reopens
 that epoch and skips the consumed batches: nothing repeated, nothing skipped.
 Each epoch is shuffled differently by a per-worker shuffle buffer seeded from
 (seed, epoch, rank) - not by `random_shuffle`, whose per-execution reseeding
-restarts from epoch 0's order after a restart (see RAY_NOTES.md).
+restarts from epoch 0's order after a restart (docs/ray-notes.md, Data -> Train).
 
 Shapes: B = micro_batch_size rows, L = seq_len + 1 tokens per row.
 """
