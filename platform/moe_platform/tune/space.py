@@ -129,7 +129,7 @@ def check_trial_stage(stage: StageConfig, manifest: Manifest, tune: TuneConfig, 
     try:
         validate_stage(stage)
         check_model_fits_data(stage.model, manifest)
-        plan = make_plan(stage, manifest)
+        plan = make_plan(stage, {stage.dataset_dir: manifest})
     except (ValueError, TypeError) as exc:
         raise _rejected(exc, params) from None
     try:
