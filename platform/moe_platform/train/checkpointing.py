@@ -28,12 +28,13 @@ import random
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from moe.configs import from_dict
 from moe_platform.train.batches import DataPosition
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,10 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """The state in a train_state.json of any known format (its other keys - world size,
+        metrics, ... - are the checkpoint's, not the state's)."""
         data = upgrade_train_state(data)
-        return cls(step=data["step"], tokens=data["tokens"], position=DataPosition(**data["position"]),
-                   task_positions={name: DataPosition(**pos) for name, pos in data["task_positions"].items()})
+        return from_dict(cls, {f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def upgrade_train_state(data: dict[str, Any]) -> dict[str, Any]:
