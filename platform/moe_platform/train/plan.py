@@ -204,16 +204,18 @@ def load_stage_manifests(stage: StageConfig) -> dict[str, Manifest]:
     return {directory: load_manifest(directory) for _, directory, _ in stage_datasets(stage)}
 
 
-def make_plan(stage: StageConfig, manifests: Mapping[str, Manifest]) -> TrainPlan:
+def make_plan(stage: StageConfig, manifests: Optional[Mapping[str, Manifest]] = None) -> TrainPlan:
     """Count rows, batches and steps; raise if a dataset cannot feed one step.
 
-    `manifests`: by dataset_dir (load_stage_manifests). Each task is planned alone, then the
-    counts are combined: a mixture epoch is as many micro-batch draws as all tasks hold
-    together; each draw picks a task by weight, so a heavily weighted small task repeats (its own
-    epochs cycle faster). A single dataset's plan is its one task's counts.
+    `manifests`: by dataset_dir (load_stage_manifests); a dataset missing there is loaded. Each
+    task is planned alone, then the counts are combined: a mixture epoch is as many micro-batch
+    draws as all tasks hold together; each draw picks a task by weight, so a heavily weighted
+    small task repeats (its own epochs cycle faster). A single dataset's plan is its one task's
+    counts.
     """
-    trainer = stage.trainer
-    datasets = [(name, manifests[directory], weight) for name, directory, weight in stage_datasets(stage)]
+    trainer, manifests = stage.trainer, manifests or {}
+    datasets = [(name, manifests[directory] if directory in manifests else load_manifest(directory), weight)
+                for name, directory, weight in stage_datasets(stage)]
     seq_lens = {manifest.seq_len for _, manifest, _ in datasets}
     if len(seq_lens) > 1:
         raise TrainConfigError(
