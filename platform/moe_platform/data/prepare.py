@@ -481,6 +481,7 @@ def summarize_skips(skipped: list[Skip]) -> str:
 def _reason_kind(reason: str) -> str:
     kind = re.sub(r"^(line|row) \d+: ", "", reason)
     kind = re.sub(r" at byte \d+$", "", kind)
+    kind = re.sub(r"^read error: .*", "read error", kind)  # the library's own sentence stays in the manifest
     return re.sub(r" \(.*\)$", "", kind)
 
 

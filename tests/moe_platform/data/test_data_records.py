@@ -184,3 +184,12 @@ def test_dictionary_encoded_parquet_strings_are_read(tmp_path):
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"text": pa.array(["a", "b", "a"]).dictionary_encode()}), path)
     assert [d.text for d in read(path)] == ["a", "b", "a"]
+
+
+def test_the_summary_counts_skips_by_kind_without_positions_or_library_sentences():
+    from moe_platform.data.prepare import summarize_skips
+
+    skips = [Skip("a", "line 3: malformed JSON (Expecting value)"), Skip("a", "line 9: malformed JSON (Extra data)"),
+             Skip("b", "read error: Parquet magic bytes not found in footer. Either the file is corrupted"),
+             Skip("c", "read error: Permission denied"), Skip("d", "invalid UTF-8 at byte 5")]
+    assert summarize_skips(skips) == "5 skipped: 2 malformed JSON, 2 read error, 1 invalid UTF-8"
