@@ -12,6 +12,7 @@ chosen by the caller (prepare.find_input).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sysconfig
 from dataclasses import dataclass, field
@@ -138,7 +139,25 @@ def _list_directory(location: str, excluded_dirs: frozenset[str] = frozenset()) 
         files.append(_source_file(storage.join(location, relative), info, identity=relative))
     if hidden:
         log.info("left out %d hidden file(s) under %s", hidden, location)
-    return sorted(files, key=lambda f: f.identity)
+    files.sort(key=lambda f: f.identity)
+    return _without_symlinked_copies(files, location) if isinstance(fs, pafs.LocalFileSystem) else files
+
+
+def _without_symlinked_copies(files: list[SourceFile], location: str) -> list[SourceFile]:
+    """Each local file once: under its own path if that is listed, else its first identity. A
+    directory symlink to an ancestor (`current -> .`) would otherwise list every file below it
+    again at each level of the loop."""
+    chosen: dict[str, SourceFile] = {}
+    for file in files:
+        path = storage.filesystem(file.location)[1]
+        real = os.path.realpath(path)
+        if real not in chosen or (path == real and storage.filesystem(chosen[real].location)[1] != real):
+            chosen[real] = file
+    kept = sorted(chosen.values(), key=lambda f: f.identity)
+    if len(kept) < len(files):
+        log.info("left out %d path(s) under %s that reach an already listed file through a symlink",
+                 len(files) - len(kept), location)
+    return kept
 
 
 def _glob(pattern: str) -> list[SourceFile]:

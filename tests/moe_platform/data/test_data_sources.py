@@ -103,3 +103,12 @@ def test_caps_keep_a_prefix_and_count_documents_only_while_exact():
     # After a multi-document file the count is unknown: later files stay, the stream cap decides.
     assert len(apply_caps(files, max_bytes=None, max_documents=3)) == 5
     assert [f.identity for f in apply_caps(files, max_bytes=1, max_documents=None)] == ["a.txt"]
+
+
+def test_a_symlink_loop_lists_each_file_once(corpus):
+    """`current -> .` inside a corpus must not repeat every file below it at each level of the loop."""
+    root, documents = corpus
+    (root / "sub" / "current").symlink_to(root / "sub")
+    (root / "alias.txt").symlink_to(root / "doc01.md")
+    found = find(root)
+    assert [f.identity for f in found.files] == sorted(documents)
