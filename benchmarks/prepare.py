@@ -13,7 +13,7 @@ Measures tokens/s of
         (TOKENIZERS_PARALLELISM=false), the honest one-core baseline.
 Runs interleave (ray, loop, loop-1-thread, ray, ...) so load changes hit all alike; medians
 are reported. Ray start-up is outside the timing (a cluster is up before a job runs).
-Record results with date and machine in benchmarks/README.md.
+Record results with date, machine and load in benchmarks/RESULTS.md (method: docs/benchmarking.md).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ import tokenizers
 
 from moe_platform.data import DataConfig
 from moe_platform.data.prepare import prepare_dataset
-from moe_platform.data.sources import Document, find_corpus, read_documents
+from moe_platform.data.records import Document, RecordFormat, read_records
+from moe_platform.data.sources import find_corpus
 from moe_platform.data.tokenizer import encode_documents, encoder_from_json, tokenizer_json
 
 
@@ -50,7 +51,7 @@ def loop_run(config: DataConfig, serialized_tokenizer: str, eos_id: int, *, thre
         start = time.perf_counter()
         encoder, tokens = encoder_from_json(serialized_tokenizer), 0
         for file in find_corpus(config).files:
-            documents = read_documents(file, text_field=config.text_field, text_column=config.text_column)
+            documents = read_records(file, RecordFormat.of(config))
             texts = [d.text for d in documents if isinstance(d, Document)]
             tokens += sum(len(t) for t in encode_documents(encoder, texts, eos_id))
         return time.perf_counter() - start, tokens

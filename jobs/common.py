@@ -17,12 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.config import RootConfig, register_configs
+from moe.configs import ConfigError  # the one config error: a job raises it anywhere, `job` prints it
 
 log = logging.getLogger("jobs")
 
 
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key."""
 
 
 def to_root_config(cfg: DictConfig) -> RootConfig:
@@ -78,8 +77,8 @@ def job(fn: Callable[[RootConfig], object] | None = None, *, defaults: tuple[str
     """Decorate a job's main: Hydra parses overrides, `fn` gets the validated RootConfig.
 
     `defaults`: overrides this job applies before the user's (a finetune job's own run
-    directory, learning rate, ...), so the user's win. Exits 2 with
-    `config error: <sentence>` for a bad config, before Ray starts.
+    directory, learning rate, ...), so the user's win. A ConfigError - from the config tree
+    or raised by the job itself - exits 2 with `config error: <sentence>`.
     """
     if fn is None:
         return lambda function: job(function, defaults=defaults)
@@ -89,11 +88,9 @@ def job(fn: Callable[[RootConfig], object] | None = None, *, defaults: tuple[str
     def _hydra_entry(cfg: DictConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            config = to_root_config(cfg)
+            fn(to_root_config(cfg))
         except ConfigError as exc:
-            print(f"config error: {exc}", file=sys.stderr)
-            sys.exit(2)
-        fn(config)
+            exit_config_error(exc)
 
     @functools.wraps(fn)
     def main() -> None:
@@ -105,11 +102,15 @@ def job(fn: Callable[[RootConfig], object] | None = None, *, defaults: tuple[str
             try:
                 check_overrides(overrides)
             except ConfigError as exc:
-                print(f"config error: {exc}", file=sys.stderr)
-                sys.exit(2)
+                exit_config_error(exc)
         _hydra_entry()
 
     return main
+
+
+def exit_config_error(exc: ConfigError) -> None:
+    print(f"config error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -122,7 +123,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
     else:
         # No cluster given: a local instance sized to this machine. The dashboard stays on:
-        # without it Tune leaks placement groups of trials that ASHA stops (RAY_NOTES.md).
+        # without it Tune leaks placement groups of trials that ASHA stops (docs/ray-notes.md, Tune over Train V2).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
 
 

@@ -13,7 +13,6 @@ teacher are compared on the same held-out rows: loss, parameters, generation tok
 from __future__ import annotations
 
 import os
-import sys
 
 from jobs.common import ConfigError, command_line_overrides, job, model_from_export
 from jobs.config import RootConfig
@@ -31,17 +30,15 @@ DISTILL_DEFAULTS = (
 def run_distillation(config: RootConfig, overrides: list[str]):
     teacher = config.distill.teacher_export_dir
     if not teacher:
-        print("config error: distill.teacher_export_dir must name the teacher export", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError("distill.teacher_export_dir must name the teacher export")
     try:
         from moe import load_export_config
 
         config.model.vocab_size = load_export_config(teacher).vocab_size  # the student reads the teacher's tokens
         if config.init.export_dir:
             config.model = model_from_export(config, config.init.export_dir, overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"config error: distill.teacher_export_dir={teacher}: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"distill.teacher_export_dir={teacher}: {exc}") from None
     if not config.tasks:
         run_prepare(config)
     result = run_pretraining(config)

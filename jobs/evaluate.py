@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from jobs.common import init_ray, job
+from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from moe_platform.data import DataError
 from moe_platform.train import EvaluationReport, evaluate_export
@@ -25,9 +25,7 @@ def run_evaluation(config: RootConfig) -> EvaluationReport:
     settings = config.evaluate
     export_dir = os.path.abspath(settings.export_dir)
     if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
-        print(f"config error: evaluate.export_dir={export_dir} is not an export (no model.safetensors)",
-              file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(f"evaluate.export_dir={export_dir} is not an export (no model.safetensors)")
     init_ray()
     try:
         report = evaluate_export(export_dir, config.data.resolved().dataset_dir, split=settings.split,
@@ -47,8 +45,7 @@ def run_comparison(config: RootConfig) -> list:
     try:
         first_dir, _ = [parse_entry(entry) for entry in settings.compare][0]
     except ValueError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(str(exc)) from None
     init_ray()
     try:
         rows = compare_exports(settings.compare, config.data.resolved().dataset_dir, split=settings.split,

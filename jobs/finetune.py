@@ -16,7 +16,6 @@ run.output_dir (default outputs/finetune): tensorboard/, checkpoints/, export/.
 """
 from __future__ import annotations
 
-import sys
 
 from jobs.common import ConfigError, command_line_overrides, job, model_from_export
 from jobs.config import RootConfig
@@ -41,14 +40,9 @@ FINETUNE_DEFAULTS = (
 def run_finetune(config: RootConfig, overrides: list[str]):
     """Model from init.export_dir, data prepared with its tokenizer (single dataset), then train."""
     if not config.init.export_dir:
-        print("config error: init.export_dir must name the export to finetune (e.g. "
-              "init.export_dir=outputs/pretrain/export)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        config.model = model_from_export(config, config.init.export_dir, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError("init.export_dir must name the export to finetune (e.g. "
+                          "init.export_dir=outputs/pretrain/export)")
+    config.model = model_from_export(config, config.init.export_dir, overrides)
     if not config.tasks:
         run_prepare(config)
     return run_pretraining(config)

@@ -19,7 +19,6 @@ starts from (init.export_dir, distill.teacher_export_dir, upcycle/prune inputs).
 from __future__ import annotations
 
 import os
-import sys
 
 from jobs.common import ConfigError, command_line_overrides, compose_config, job
 from jobs.config import RootConfig
@@ -61,8 +60,7 @@ def run_stage(spec, context, cli: list[str]) -> str:
     try:
         config = compose_config(overrides)
     except ConfigError as exc:
-        print(f"config error: pipeline stage {spec.name!r}: {exc}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(f"pipeline stage {spec.name!r}: {exc}") from None
     if spec.job == "pretrain":
         if config.init.export_dir:  # continued pretraining from the previous export, its architecture
             from jobs.common import model_from_export
@@ -96,9 +94,8 @@ def main(config: RootConfig) -> None:
     init_ray()
     try:
         outcomes = run_pipeline(config.pipeline, lambda spec, context: run_stage(spec, context, cli))
-    except (ConfigError, ValueError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except ValueError as exc:  # a stage's own checks (ConfigError is one too)
+        raise ConfigError(str(exc)) from None
     print()
     print(format_outcomes(outcomes))
     if len(outcomes) > 1:

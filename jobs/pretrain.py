@@ -13,13 +13,12 @@ import sys
 
 from omegaconf import OmegaConf
 
-from jobs.common import init_ray, job
+from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from moe_platform.data import DataError
 from moe_platform.train import (
     CheckpointError,
     StageConfig,
-    TrainConfigError,
     TrainingError,
     TrainResult,
     prepare_stage,
@@ -38,17 +37,12 @@ def run_pretraining(config: RootConfig) -> TrainResult:
     """Check (exit 2 naming the key), save config.yaml, train or resume, export. Ray must be up."""
     stage = pretrain_stage(config)
     try:
-        prepare_stage(stage)  # every check, before Ray or any worker starts
-    except (TrainConfigError, DataError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    init_ray()
-    try:
+        prepare_stage(stage)  # every check (a ConfigError names the key), before Ray or any worker starts
+        init_ray()
         # config.yaml: the whole resolved tree, for people (config.json is what resuming compares).
         return train(stage, config_yaml=OmegaConf.to_yaml(OmegaConf.structured(config)))
-    except (TrainConfigError, DataError) as exc:  # e.g. run.output_dir holds a run with another config
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except DataError as exc:  # the dataset a stage names is part of its config
+        raise ConfigError(str(exc)) from None
     except (CheckpointError, TrainingError) as exc:
         print(f"pretraining failed: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from jobs.common import init_ray, job
+from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from moe_platform.data import DataError
 
@@ -23,13 +23,8 @@ def run_prune(config: RootConfig):
     settings = config.prune
     export_dir = os.path.abspath(settings.export_dir)
     if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
-        print(f"config error: prune.export_dir={export_dir} is not an export (no model.safetensors)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        settings.check_choice()
-    except ValueError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(f"prune.export_dir={export_dir} is not an export (no model.safetensors)")
+    settings.check_choice()  # a ConfigError naming the key
     init_ray()
     try:
         report = prune_export_with_calibration(export_dir, config.data.resolved().dataset_dir, settings)

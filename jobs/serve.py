@@ -15,10 +15,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import time
 
-from jobs.common import init_ray, job
+from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from moe_platform.serve.config import API_KEY_ENV, ServeConfig
 from moe_platform.serve.engine import ExportError, check_export
@@ -71,8 +70,7 @@ def main(config: RootConfig) -> None:
     except ExportError as exc:
         default = " (the default, <run.output_dir>/export: train first or set serve.export_dir)"
         hint = "" if config.serve.export_dir else default
-        print(f"config error: {exc}{hint}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(f"{exc}{hint}") from None
     init_ray()
     serve_export(serve_config)
     if serve_config.blocking:

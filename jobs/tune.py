@@ -20,12 +20,11 @@ import sys
 
 from omegaconf import OmegaConf
 
-from jobs.common import init_ray, job
+from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from jobs.pretrain import pretrain_stage
 from moe_platform.data import DataError
-from moe_platform.train import TrainConfigError
-from moe_platform.tune import TuneConfigError, hydra_override, prepare_sweep, run_sweep
+from moe_platform.tune import hydra_override, prepare_sweep, run_sweep
 
 # Hydra's own settings, as in jobs/conf/config.yaml: a best/config.yaml behaves like the tree it came from.
 BEST_CONFIG_HEADER = {
@@ -52,10 +51,9 @@ def write_best_config(config: RootConfig, params: dict, path: str) -> str:
 @job
 def main(config: RootConfig) -> None:
     try:
-        plan = prepare_sweep(pretrain_stage(config), config.tune)
-    except (TuneConfigError, TrainConfigError, DataError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        plan = prepare_sweep(pretrain_stage(config), config.tune)  # a ConfigError names the key
+    except DataError as exc:  # the dataset a sweep names is part of its config
+        raise ConfigError(str(exc)) from None
     # A local Ray gets enough logical CPUs for the concurrent trials plus Ray Data's reads (CPU is
     # a scheduling token here; fractional workers run one torch thread each); a given cluster keeps its own.
     init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(plan.cpus_needed)))

@@ -12,9 +12,8 @@ computes exactly the dense model's function at step 0. No Ray needed.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
-from jobs.common import job
+from jobs.common import ConfigError, job
 from jobs.config import RootConfig
 
 
@@ -24,15 +23,13 @@ def run_upcycle(config: RootConfig) -> str:
 
     settings = config.upcycle
     if not settings.dense_export_dir:
-        print("config error: upcycle.dense_export_dir must name the dense export", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError("upcycle.dense_export_dir must name the dense export")
     try:
         dense = load_export_config(settings.dense_export_dir)
         moe = dataclasses.replace(config.model.moe, expert_hidden=dense.ffn_hidden)
         out = upcycle_export(settings.dense_export_dir, settings.output_dir, moe, seed=settings.seed)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"config error: upcycle: {exc}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(f"upcycle: {exc}") from None
     upcycled = load_export_config(out)
     print(f"upcycled {settings.dense_export_dir} ({dense.num_params:,} parameters)\n"
           f"      -> {out} ({upcycled.num_params:,} parameters, {upcycled.num_active_params:,} active, "

@@ -21,7 +21,15 @@ MAX_DEPTH = 64
 
 
 class JSONInputError(ValueError):
-    """The input is not acceptable JSON; the message says why in one line."""
+    """The input is not acceptable JSON; the message says why in one line.
+
+    `problem` is the same without a position (for callers that name the position themselves,
+    such as a .jsonl reader naming the line).
+    """
+
+    def __init__(self, message: str, problem: Optional[str] = None):
+        super().__init__(message)
+        self.problem = problem or message
 
 
 def _reject_constant(name: str) -> Any:
@@ -45,7 +53,7 @@ def loads(data: Union[str, bytes, bytearray], *, max_depth: int = MAX_DEPTH,
     except RecursionError:
         raise JSONInputError(f"the JSON input is nested more than {max_depth} levels deep") from None
     except json.JSONDecodeError as exc:
-        raise JSONInputError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise JSONInputError(f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", exc.msg) from None
     if _depth_exceeds(value, max_depth):
         raise JSONInputError(f"the JSON input is nested more than {max_depth} levels deep")
     return value

@@ -24,7 +24,7 @@ def ray_cluster():
         address="local",
         num_cpus=4,
         object_store_memory=1_000_000_000,
-        include_dashboard=True,  # Tune leaks placement groups without it (RAY_NOTES.md)
+        include_dashboard=True,  # Tune leaks placement groups without it (docs/ray-notes.md)
         log_to_driver=True,
     )
     previous = os.environ.get("RAY_ADDRESS")

@@ -1,4 +1,4 @@
-"""The platform/ trap (DESIGN.md): platform/ must never shadow the stdlib `platform`."""
+"""The platform/ trap (docs/architecture.md): platform/ must never shadow the stdlib `platform`."""
 import subprocess
 import sys
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, List, Optional
 
+from moe.configs import require
+
 # Byte-level BPE starts from all 256 byte values; a vocabulary must hold those plus the specials.
 BYTE_ALPHABET_SIZE = 256
 SUPPORTED_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".parquet")
@@ -67,56 +69,56 @@ class DataConfig:
     shard_rows: int = 8192
     row_group_rows: int = 1024
     # Ray Data: input files per tokenize task, and CPUs per task. Fractional CPUs keep
-    # a fully booked cluster from starving Ray Data (RAY_NOTES.md).
+    # a fully booked cluster from starving Ray Data (docs/ray-notes.md, Data -> Train).
     files_per_task: int = 16
     num_cpus_per_task: float = 0.5
     # Replace a dataset_dir that holds a different dataset (or rewrite the same one).
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _require(bool(self.dataset_dir), "data.dataset_dir must not be empty")
-        _require(self.seq_len >= 2, f"data.seq_len must be >= 2 (a row needs an input and a target), got {self.seq_len}")
+        require(bool(self.dataset_dir), "data.dataset_dir must not be empty")
+        require(self.seq_len >= 2, f"data.seq_len must be >= 2 (a row needs an input and a target), got {self.seq_len}")
         minimum_vocab = BYTE_ALPHABET_SIZE + len(self.special_tokens)
-        _require(
+        require(
             self.vocab_size >= minimum_vocab,
             f"data.vocab_size must be >= {minimum_vocab} (256 byte tokens + {len(self.special_tokens)} special tokens), "
             f"got {self.vocab_size}",
         )
-        _require(bool(self.eos_token), "data.eos_token must not be empty")
-        _require(bool(self.pad_token), "data.pad_token must not be empty")
-        _require(self.eos_token != self.pad_token, "data.pad_token must differ from data.eos_token")
-        _require(
+        require(bool(self.eos_token), "data.eos_token must not be empty")
+        require(bool(self.pad_token), "data.pad_token must not be empty")
+        require(self.eos_token != self.pad_token, "data.pad_token must differ from data.eos_token")
+        require(
             0.0 <= self.validation_fraction < 1.0,
             f"data.validation_fraction must be in [0, 1), got {self.validation_fraction}",
         )
         for ext in self.extensions:
-            _require(
+            require(
                 ext in SUPPORTED_EXTENSIONS,
                 f"data.extensions: {ext!r} is not supported (supported: {', '.join(SUPPORTED_EXTENSIONS)})",
             )
-        _require(bool(self.extensions), "data.extensions must not be empty")
-        _require(bool(self.text_field), "data.text_field must not be empty")
-        _require(bool(self.text_column), "data.text_column must not be empty")
-        _require(self.kind in KINDS, f"data.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        _require(bool(self.prompt_field), "data.prompt_field must not be empty")
-        _require(bool(self.response_field), "data.response_field must not be empty")
-        _require(self.prompt_field != self.response_field,
+        require(bool(self.extensions), "data.extensions must not be empty")
+        require(bool(self.text_field), "data.text_field must not be empty")
+        require(bool(self.text_column), "data.text_column must not be empty")
+        require(self.kind in KINDS, f"data.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        require(bool(self.prompt_field), "data.prompt_field must not be empty")
+        require(bool(self.response_field), "data.response_field must not be empty")
+        require(self.prompt_field != self.response_field,
                  f"data.response_field must differ from data.prompt_field (both {self.prompt_field!r})")
-        _require("{prompt}" in self.prompt_template,
+        require("{prompt}" in self.prompt_template,
                  f"data.prompt_template must contain {{prompt}} (where the prompt goes), got {self.prompt_template!r}")
-        _require(
+        require(
             self.kind != "instruction" or bool(self.input_extensions),
             f"data.extensions must include .jsonl or .parquet with data.kind=instruction, got {self.extensions}",
         )
         for key in ("max_documents", "max_bytes"):
             value = getattr(self, key)
-            _require(value is None or value >= 0, f"data.{key} must be >= 0 (0 or null: no cap), got {value}")
-        _require(self.tokenizer_train_bytes > 0, f"data.tokenizer_train_bytes must be > 0, got {self.tokenizer_train_bytes}")
-        _require(self.min_frequency >= 1, f"data.min_frequency must be >= 1, got {self.min_frequency}")
-        _require(self.shard_rows >= 1, f"data.shard_rows must be >= 1, got {self.shard_rows}")
-        _require(self.row_group_rows >= 1, f"data.row_group_rows must be >= 1, got {self.row_group_rows}")
-        _require(self.files_per_task >= 1, f"data.files_per_task must be >= 1, got {self.files_per_task}")
-        _require(self.num_cpus_per_task > 0, f"data.num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
+            require(value is None or value >= 0, f"data.{key} must be >= 0 (0 or null: no cap), got {value}")
+        require(self.tokenizer_train_bytes > 0, f"data.tokenizer_train_bytes must be > 0, got {self.tokenizer_train_bytes}")
+        require(self.min_frequency >= 1, f"data.min_frequency must be >= 1, got {self.min_frequency}")
+        require(self.shard_rows >= 1, f"data.shard_rows must be >= 1, got {self.shard_rows}")
+        require(self.row_group_rows >= 1, f"data.row_group_rows must be >= 1, got {self.row_group_rows}")
+        require(self.files_per_task >= 1, f"data.files_per_task must be >= 1, got {self.files_per_task}")
+        require(self.num_cpus_per_task > 0, f"data.num_cpus_per_task must be > 0, got {self.num_cpus_per_task}")
 
     @property
     def special_tokens(self) -> list[str]:
@@ -159,7 +161,3 @@ def render_prompt(template: str, prompt: str) -> str:
     """
     return template.replace("{prompt}", prompt)
 
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)

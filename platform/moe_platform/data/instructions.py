@@ -13,8 +13,8 @@ becomes one record:
 visited in sorted order and definitions in source order, so the same
 interpreter always gives the same records. `write_stdlib_instructions` writes
 them as JSON Lines; `builtin_corpus` is what prepare uses when
-`data.kind=instruction` and `data.input` is unset: the records go to a .jsonl
-file that is then read like any user's file.
+`data.kind=instruction` and `data.input` is unset (prepare.find_input): the
+records go to a .jsonl file that is then read like any user's file.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 from moe_platform.data import storage
 from moe_platform.data.config import DataConfig
 from moe_platform.data.errors import DataError
+from moe_platform.data.sources import Corpus, SourceFile, default_corpus_location, list_stdlib
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ MIN_RESPONSE_CHARS = 12
 
 def stdlib_records(location: Optional[str] = None) -> Iterator[dict[str, str]]:
     """{"prompt", "response", "source"} for each documented public function, in a fixed order."""
-    from moe_platform.data.sources import default_corpus_location, list_stdlib
-
     for file in list_stdlib(location or default_corpus_location()):
         module = _module_name(file.identity)
         if module is None:
@@ -95,7 +94,7 @@ def write_stdlib_instructions(
     return len(lines)
 
 
-def builtin_corpus(config: DataConfig, max_bytes: Optional[int]):
+def builtin_corpus(config: DataConfig, max_bytes: Optional[int]) -> Corpus:
     """The built-in set as a one-file Corpus (`data.kind=instruction`, `data.input` unset).
 
     The file is written to a content-addressed name in the temp directory, so reruns find the same
@@ -103,8 +102,6 @@ def builtin_corpus(config: DataConfig, max_bytes: Optional[int]):
     Ray tasks read it from there, so on a multi-node cluster write the set to shared storage with
     write_stdlib_instructions and pass it as data.input (README).
     """
-    from moe_platform.data.sources import Corpus, SourceFile, default_corpus_location
-
     lines = instruction_lines(max_records=config.max_documents or DEFAULT_INSTRUCTION_RECORDS, max_bytes=max_bytes,
                               prompt_field=config.prompt_field, response_field=config.response_field)
     if not lines:

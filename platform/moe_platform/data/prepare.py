@@ -58,15 +58,9 @@ from moe_platform.data.identity import (  # noqa: F401  (compute_fingerprint: pa
     compute_fingerprint,
 )
 from moe_platform.data.packing import TRAIN, VALIDATION, RowPacker, ShardWriter, assign_split
-from moe_platform.data.sources import (
-    Corpus,
-    Document,
-    RecordFormat,
-    SourceFile,
-    find_corpus,
-    read_records,
-    resolved_max_bytes,
-)
+from moe_platform.data.instructions import builtin_corpus
+from moe_platform.data.records import Document, RecordFormat, read_records
+from moe_platform.data.sources import Corpus, SourceFile, find_corpus, resolved_max_bytes
 from moe_platform.data.tokenizer import (
     encode_documents,
     encode_instructions,
@@ -132,9 +126,17 @@ def prepare_dataset(config: DataConfig, *, start_ray: Optional[Callable[[], None
     return PrepareResult(write_dataset(plan, bundle), reused=False)
 
 
+def find_input(config: DataConfig) -> Corpus:
+    """The corpus to prepare: data.input's files, or with none given the built-in corpus of data.kind
+    (the standard library's sources for text, an instruction set generated from them for instructions)."""
+    if config.kind == "instruction" and not config.input:
+        return builtin_corpus(config, resolved_max_bytes(config))
+    return find_corpus(config)
+
+
 def plan_dataset(config: DataConfig) -> PreparePlan:
     try:
-        corpus = find_corpus(config)
+        corpus = find_input(config)
     except (OSError, pa.ArrowException) as exc:
         # Listing a bucket can fail (credentials, network): one line naming data.input, no traceback.
         raise DataError(f"data.input: cannot list {config.input}: {str(exc).strip().splitlines()[0]}") from None
@@ -479,6 +481,7 @@ def summarize_skips(skipped: list[Skip]) -> str:
 def _reason_kind(reason: str) -> str:
     kind = re.sub(r"^(line|row) \d+: ", "", reason)
     kind = re.sub(r" at byte \d+$", "", kind)
+    kind = re.sub(r"^read error: .*", "read error", kind)  # the library's own sentence stays in the manifest
     return re.sub(r" \(.*\)$", "", kind)
 
 

@@ -1,32 +1,24 @@
-"""Finding the corpus' files and reading documents out of them.
+"""Finding the corpus' files, on the driver, deterministically.
 
-Two halves, both deterministic:
-- `find_corpus` runs on the driver: it resolves `data.input` (file, directory,
-  glob or URI; unset -> the interpreter's standard library) into files sorted
-  by *identity* (the path relative to the input root, so the order and the
-  train/validation split do not depend on where the corpus lies). Problems that
-  make the whole input unusable (missing path, empty directory, no supported
-  file) raise DataError here, before Ray starts.
-- `read_documents` runs anywhere (Ray tasks, the driver's tokenizer sample, the
-  benchmark): one file -> its documents, in file order. A .txt/.md/.rst/.py file
-  is one document; each line of a .jsonl and each row of a .parquet is one.
-  `read_instructions` is its twin for `data.kind=instruction`: each .jsonl line
-  or .parquet row is one `Instruction` (a prompt and a response).
-  Per-document problems are yielded as `Skip(path, reason)`, never raised, so a
-  bad file costs a named line in the manifest instead of the run.
+`find_corpus` resolves `data.input` (file, directory, glob or URI; unset -> the
+interpreter's standard library .py files) into files sorted by *identity* (the
+path relative to the input root, so the order and the train/validation split do
+not depend on where the corpus lies). Problems that make the whole input
+unusable (missing path, empty directory, no supported file) raise DataError
+here, before Ray starts. Reading records out of the files is records.py; the
+built-in instruction set (data.kind=instruction, no input) is instructions.py,
+chosen by the caller (prepare.find_input).
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
 import re
 import sysconfig
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Union
+from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from moe_platform.data import storage
 from moe_platform.data.config import DEFAULT_CORPUS_MAX_BYTES, DataConfig
@@ -37,8 +29,6 @@ log = logging.getLogger(__name__)
 
 SINGLE_DOCUMENT_KINDS = (".txt", ".md", ".rst", ".py")
 GLOB_CHARS = re.compile(r"[*?\[]")
-# Binary detection looks at the start of a file, as git and grep do.
-BINARY_PROBE_BYTES = 8192
 # Directories the default corpus leaves out: third-party code is not the standard library.
 STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -57,40 +47,6 @@ class SourceFile:
         return "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
-@dataclass(frozen=True)
-class Document:
-    identity: str  # file identity, plus ':<line>' (.jsonl) or '#<row>' (.parquet)
-    text: str
-
-
-@dataclass(frozen=True)
-class Instruction:
-    """One finetuning example (data.kind=instruction): the loss counts the response only."""
-
-    identity: str  # as Document.identity
-    prompt: str  # raw; data.prompt_template renders it before encoding
-    response: str
-
-
-@dataclass(frozen=True)
-class RecordFormat:
-    """What reading needs of DataConfig: the kind of records and where files keep them.
-
-    Small and picklable, so it travels to Ray tasks as it is.
-    """
-
-    kind: str = "text"
-    text_field: str = "text"
-    text_column: str = "text"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-
-    @classmethod
-    def of(cls, config: DataConfig) -> RecordFormat:
-        return cls(kind=config.kind, text_field=config.text_field, text_column=config.text_column,
-                   prompt_field=config.prompt_field, response_field=config.response_field)
-
-
 @dataclass
 class Corpus:
     input: str  # the resolved input: location, glob, or the stdlib directory
@@ -101,9 +57,6 @@ class Corpus:
     # A corpus written by the job itself (the built-in instruction set): what made it and its
     # content sha256. Recorded in the manifest and fingerprinted in place of the file's mtime.
     generated: dict[str, Any] = field(default_factory=dict)
-
-
-# ---- finding files (driver) ----------------------------------------------------------------
 
 
 def default_corpus_location() -> str:
@@ -117,10 +70,6 @@ def find_corpus(config: DataConfig) -> Corpus:
         location = storage.absolute(config.input)
         files, skipped = _find_files(location, config.input_extensions)
         corpus = Corpus(input=location, files=files, skipped=skipped, is_default=False)
-    elif config.kind == "instruction":
-        from moe_platform.data.instructions import builtin_corpus
-
-        return builtin_corpus(config, resolved_max_bytes(config))
     else:
         location = default_corpus_location()
         files = list_stdlib(location)
@@ -190,7 +139,25 @@ def _list_directory(location: str, excluded_dirs: frozenset[str] = frozenset()) 
         files.append(_source_file(storage.join(location, relative), info, identity=relative))
     if hidden:
         log.info("left out %d hidden file(s) under %s", hidden, location)
-    return sorted(files, key=lambda f: f.identity)
+    files.sort(key=lambda f: f.identity)
+    return _without_symlinked_copies(files, location) if isinstance(fs, pafs.LocalFileSystem) else files
+
+
+def _without_symlinked_copies(files: list[SourceFile], location: str) -> list[SourceFile]:
+    """Each local file once: under its own path if that is listed, else its first identity. A
+    directory symlink to an ancestor (`current -> .`) would otherwise list every file below it
+    again at each level of the loop."""
+    chosen: dict[str, SourceFile] = {}
+    for file in files:
+        path = storage.filesystem(file.location)[1]
+        real = os.path.realpath(path)
+        if real not in chosen or (path == real and storage.filesystem(chosen[real].location)[1] != real):
+            chosen[real] = file
+    kept = sorted(chosen.values(), key=lambda f: f.identity)
+    if len(kept) < len(files):
+        log.info("left out %d path(s) under %s that reach an already listed file through a symlink",
+                 len(files) - len(kept), location)
+    return kept
 
 
 def _glob(pattern: str) -> list[SourceFile]:
@@ -275,178 +242,3 @@ def apply_caps(files: list[SourceFile], *, max_bytes: int | None, max_documents:
     if len(kept) < len(files):
         log.info("caps keep %d of %d files (%d bytes)", len(kept), len(files), total_bytes)
     return kept
-
-
-# ---- reading documents (anywhere) ----------------------------------------------------------
-
-
-def read_records(file: SourceFile, record_format: RecordFormat) -> Iterator[Union[Document, Instruction, Skip]]:
-    """Documents (data.kind=text) or Instructions (data.kind=instruction) of one file, and Skips."""
-    if record_format.kind == "instruction":
-        return read_instructions(file, prompt_field=record_format.prompt_field,
-                                 response_field=record_format.response_field)
-    return read_documents(file, text_field=record_format.text_field, text_column=record_format.text_column)
-
-
-def read_documents(file: SourceFile, *, text_field: str, text_column: str) -> Iterator[Union[Document, Skip]]:
-    """Documents of one file in order, with problems as Skips; at least one item per file."""
-    if file.kind == ".parquet":
-        records = _read_parquet(file, text_column)
-    elif file.kind == ".jsonl":
-        records = _read_jsonl(file, text_field)
-    else:
-        records = _read_text(file)
-    return _guarded(file, records, empty="no documents")
-
-
-def read_instructions(file: SourceFile, *, prompt_field: str, response_field: str) -> Iterator[Union[Instruction, Skip]]:
-    """Instructions of a .jsonl/.parquet file in order, with problems as Skips; at least one item per file."""
-    if file.kind == ".jsonl":
-        records = _read_instruction_jsonl(file, prompt_field, response_field)
-    elif file.kind == ".parquet":
-        records = _read_instruction_parquet(file, prompt_field, response_field)
-    else:
-        records = iter([Skip(file.location, f"unsupported file type {file.kind or '(none)'!r} for "
-                                            "data.kind=instruction (.jsonl or .parquet)")])
-    return _guarded(file, records, empty="no records")
-
-
-def _guarded(file: SourceFile, records: Iterator, *, empty: str) -> Iterator:
-    """The records, with an unreadable file or a file without records turned into a Skip."""
-    produced = False
-    try:
-        for record in records:
-            produced = True
-            yield record
-    except (OSError, pa.ArrowException) as exc:
-        produced = True
-        yield Skip(file.location, f"read error: {_one_line(exc)}")
-    if not produced:
-        yield Skip(file.location, empty)
-
-
-def _read_text(file: SourceFile) -> Iterator[Union[Document, Skip]]:
-    text = _decode(file, storage.read_bytes(file.location))
-    if isinstance(text, Skip):
-        yield text
-    elif not text.strip():
-        yield Skip(file.location, "empty document")
-    else:
-        yield Document(file.identity, text)
-
-
-def _jsonl_objects(file: SourceFile) -> Iterator[Union[tuple[int, Any], Skip]]:
-    """(line number, parsed JSON) per non-blank line, or a Skip for an undecodable file or bad line."""
-    content = _decode(file, storage.read_bytes(file.location))
-    if isinstance(content, Skip):
-        yield content
-        return
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue  # blank lines separate nothing in JSON Lines; not documents
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield Skip(file.location, f"line {number}: malformed JSON ({exc.msg})")
-
-
-def _read_jsonl(file: SourceFile, text_field: str) -> Iterator[Union[Document, Skip]]:
-    for item in _jsonl_objects(file):
-        if isinstance(item, Skip):
-            yield item
-            continue
-        number, record = item
-        if not isinstance(record, dict) or text_field not in record:
-            yield Skip(file.location, f"line {number}: no {text_field!r} field (data.text_field)")
-            continue
-        yield _text_document(file, record[text_field], f"{file.identity}:{number}", f"line {number}")
-
-
-def _read_instruction_jsonl(file: SourceFile, prompt_field: str, response_field: str) -> Iterator[Union[Instruction, Skip]]:
-    keys = ((prompt_field, "data.prompt_field"), (response_field, "data.response_field"))
-    for item in _jsonl_objects(file):
-        if isinstance(item, Skip):
-            yield item
-            continue
-        number, record = item
-        missing = [(name, key) for name, key in keys if not isinstance(record, dict) or name not in record]
-        if missing:
-            name, key = missing[0]
-            yield Skip(file.location, f"line {number}: no {name!r} field ({key})")
-            continue
-        yield _instruction(file, record[prompt_field], record[response_field], keys,
-                           f"{file.identity}:{number}", f"line {number}")
-
-
-def _parquet_rows(file: SourceFile, columns: list[tuple[str, str]], make: Callable) -> Iterator:
-    """make(row, *values) per row of the string columns [(name, config key)], or one Skip naming a bad column."""
-    fs, path = storage.filesystem(file.location)
-    with fs.open_input_file(path) as handle:
-        parquet = pq.ParquetFile(handle)
-        schema = parquet.schema_arrow
-        for name, key in columns:
-            if name not in schema.names:
-                yield Skip(file.location, f"no column {name!r} ({key}; columns: {', '.join(schema.names)})")
-                return
-            column_type = schema.field(name).type
-            if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-                yield Skip(file.location, f"column {name!r} is {column_type}, not a string")
-                return
-        names = [name for name, _ in columns]
-        row = 0
-        for batch in parquet.iter_batches(columns=names):
-            # By name: a batch keeps the file's column order, not the requested one.
-            for values in zip(*(batch.column(name).to_pylist() for name in names)):
-                yield make(row, *values)
-                row += 1
-
-
-def _read_parquet(file: SourceFile, text_column: str) -> Iterator[Union[Document, Skip]]:
-    return _parquet_rows(file, [(text_column, "data.text_column")],
-                         lambda row, text: _text_document(file, text, f"{file.identity}#{row}", f"row {row}"))
-
-
-def _read_instruction_parquet(file: SourceFile, prompt_field: str, response_field: str) -> Iterator[Union[Instruction, Skip]]:
-    keys = [(prompt_field, "data.prompt_field"), (response_field, "data.response_field")]
-    return _parquet_rows(file, keys, lambda row, prompt, response: _instruction(
-        file, prompt, response, keys, f"{file.identity}#{row}", f"row {row}"))
-
-
-def _instruction(file: SourceFile, prompt: object, response: object, keys, identity: str,
-                 where: str) -> Union[Instruction, Skip]:
-    """An Instruction, or a Skip naming the first field that is null, not a string, or blank."""
-    for (name, _), value in zip(keys, (prompt, response)):
-        if value is None:
-            return Skip(file.location, f"{where}: null {name!r}")
-        if not isinstance(value, str):
-            return Skip(file.location, f"{where}: {name!r} is {type(value).__name__}, not a string")
-        if not value.strip():
-            return Skip(file.location, f"{where}: empty {name!r}")
-    return Instruction(identity, prompt, response)
-
-
-def _text_document(file: SourceFile, value: object, identity: str, where: str) -> Union[Document, Skip]:
-    if value is None:
-        return Skip(file.location, f"{where}: null text")
-    if not isinstance(value, str):
-        return Skip(file.location, f"{where}: text is {type(value).__name__}, not a string")
-    if not value.strip():
-        return Skip(file.location, f"{where}: empty document")
-    return Document(identity, value)
-
-
-def _decode(file: SourceFile, data: bytes) -> Union[str, Skip]:
-    """UTF-8 text, or a Skip naming the first bad byte. A NUL byte marks a binary file."""
-    nul = data.find(b"\x00", 0, BINARY_PROBE_BYTES)
-    if nul >= 0:
-        return Skip(file.location, f"binary file (NUL byte at {nul})")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Skip(file.location, f"invalid UTF-8 at byte {exc.start}")
-    return text.removeprefix("\ufeff")  # a BOM is an encoding mark, not text
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -7,13 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from moe.configs import require
+
 # What a pipeline stage can run (jobs/pipeline.py maps each to its job).
 STAGE_JOBS = ("pretrain", "finetune", "distill", "upcycle", "prune")
 
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass
@@ -27,9 +25,9 @@ class StageSpec:
     overrides: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+        require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
                  f"pipeline.stages: name {self.name!r} must be a non-empty word (letters, digits, _ or -)")
-        _require(self.job in STAGE_JOBS,
+        require(self.job in STAGE_JOBS,
                  f"pipeline.stages.{self.name}.job must be one of {', '.join(STAGE_JOBS)}, got {self.job!r}")
 
 
@@ -44,8 +42,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         names = [stage.name for stage in self.stages]
-        _require(len(set(names)) == len(names), f"pipeline.stages: stage names must be unique, got {names}")
-        _require(bool(self.output_dir), "pipeline.output_dir must not be empty")
+        require(len(set(names)) == len(names), f"pipeline.stages: stage names must be unique, got {names}")
+        require(bool(self.output_dir), "pipeline.output_dir must not be empty")
 
 
 @dataclass
@@ -86,15 +84,15 @@ class PruneConfig:
     def __post_init__(self) -> None:
         # "Exactly one of keep / min_share" is checked when the prune job runs (check_choice): every
         # job builds this section, and only the prune job needs the choice.
-        _require(self.keep is None or self.keep >= 1, f"prune.keep must be >= 1, got {self.keep}")
-        _require(self.min_share is None or 0 < self.min_share < 1,
+        require(self.keep is None or self.keep >= 1, f"prune.keep must be >= 1, got {self.keep}")
+        require(self.min_share is None or 0 < self.min_share < 1,
                  f"prune.min_share must be in (0, 1), got {self.min_share}")
-        _require(self.calibration_batches >= 1, f"prune.calibration_batches must be >= 1, got {self.calibration_batches}")
-        _require(self.batch_size >= 1, f"prune.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.eval_batches is None or self.eval_batches >= 1,
+        require(self.calibration_batches >= 1, f"prune.calibration_batches must be >= 1, got {self.calibration_batches}")
+        require(self.batch_size >= 1, f"prune.batch_size must be >= 1, got {self.batch_size}")
+        require(self.eval_batches is None or self.eval_batches >= 1,
                  f"prune.eval_batches must be >= 1 or null, got {self.eval_batches}")
 
     def check_choice(self) -> None:
-        _require((self.keep is None) != (self.min_share is None),
+        require((self.keep is None) != (self.min_share is None),
                  "set exactly one of prune.keep (experts per layer) and prune.min_share (a usage threshold), "
                  "e.g. prune.keep=6")

@@ -53,7 +53,7 @@ class PruneReport:
 
 def calibration_inputs(dataset_dir: str, split: str, *, batch_size: int, max_batches: int) -> Iterator[torch.Tensor]:
     """(B, T) model inputs from the first `max_batches` batches of a prepared split."""
-    from moe_platform.train.data import read_columns
+    from moe_platform.train.batches import read_columns
     from moe_platform.train.plan import load_manifest
 
     paths = load_manifest(dataset_dir).split_paths(split)

@@ -28,13 +28,14 @@ import random
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from moe_platform.train.data import DataPosition
+from moe.configs import from_dict
+from moe_platform.train.batches import DataPosition
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,47 @@ class CheckpointError(RuntimeError):
     """A checkpoint (or run directory) cannot be used; the message says which and why."""
 
 
+# train_state.json's layout. 1: a single dataset kept only `position`, a mixture also `draws` and
+# `task_positions`. 2: every stage is a mixture: `position` (the mixture's) and `task_positions`.
+TRAIN_STATE_FORMAT = 2
+
+
 @dataclass
 class TrainState:
     """The loop's progress; everything besides the engine that resuming needs."""
 
     step: int = 0  # optimizer steps done
     tokens: int = 0  # global tokens trained on
+    # The mixture's position (an epoch is plan.batches_per_epoch draws) and each task's own stream's
+    # (by task name; a stage's single dataset is the task named "").
     position: DataPosition = field(default_factory=DataPosition)
-    # Multi-task mixtures only: micro-batches drawn so far and each task's own stream position.
-    draws: int = 0
     task_positions: dict[str, DataPosition] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "format_version": TRAIN_STATE_FORMAT}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        return cls(step=data["step"], tokens=data["tokens"], position=DataPosition(**data["position"]),
-                   draws=data.get("draws", 0),
-                   task_positions={name: DataPosition(**pos) for name, pos in data.get("task_positions", {}).items()})
+        """The state in a train_state.json of any known format (its other keys - world size,
+        metrics, ... - are the checkpoint's, not the state's)."""
+        data = upgrade_train_state(data)
+        return from_dict(cls, {f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def upgrade_train_state(data: dict[str, Any]) -> dict[str, Any]:
+    """A train_state.json of any known format as the current one; CheckpointError for a newer one."""
+    version = data.get("format_version", 1)
+    if version == TRAIN_STATE_FORMAT:
+        return data
+    if version != 1:
+        raise CheckpointError(f"train_state.json has format version {version!r}; this version of the platform "
+                              f"reads versions 1 to {TRAIN_STATE_FORMAT}")
+    # Format 1: a single dataset's stream position was the whole state; as the one unnamed task of a
+    # mixture, its position is both the mixture's and the task's (every draw picked it).
+    upgraded = {key: value for key, value in data.items() if key != "draws"}
+    upgraded["task_positions"] = data.get("task_positions") or {"": data["position"]}
+    upgraded["format_version"] = TRAIN_STATE_FORMAT
+    return upgraded
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -202,6 +225,10 @@ def restore_checkpoint(engine, checkpoint_dir: str, rank: int, world_size: int) 
     """Load engine, RNG and loop state of this rank from a complete checkpoint."""
     require_complete(checkpoint_dir)
     saved = read_train_state(checkpoint_dir)
+    try:
+        state = TrainState.from_dict(saved)
+    except CheckpointError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint_dir}: {exc}") from None
     if saved["world_size"] != world_size:
         raise CheckpointError(
             f"checkpoint {checkpoint_dir} was written by {saved['world_size']} workers; this run has {world_size} "
@@ -212,7 +239,7 @@ def restore_checkpoint(engine, checkpoint_dir: str, rank: int, world_size: int) 
         raise CheckpointError(f"DeepSpeed found no checkpoint under {checkpoint_dir}/{DEEPSPEED_DIR}")
     rng = torch.load(os.path.join(checkpoint_dir, RNG_DIR, f"rank_{rank:05d}.pt"), weights_only=True)
     restore_rng_state(rng)
-    return TrainState.from_dict(saved)
+    return state
 
 
 def step_of(checkpoint_dir: str) -> Optional[int]:

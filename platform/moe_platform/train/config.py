@@ -12,24 +12,19 @@ vocabulary vs. manifest) live in `moe_platform.train.plan.validate_stage`.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from moe import ModelConfig
+from moe.configs import ConfigError, from_dict, require
 from moe.peft import PeftConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ZERO_STAGES = (0, 1, 2)
 
 
-class TrainConfigError(ValueError):
-    """A training config value is wrong; the message is one sentence naming the key."""
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise TrainConfigError(message)
+# The one config error (moe.configs), under the name the training code has always raised.
+TrainConfigError = ConfigError
 
 
 @dataclass
@@ -43,7 +38,7 @@ class TrainerConfig:
     expert_parallel_size: int = 1
     use_gpu: bool = False
     # Fractional on purpose: workers holding every CPU starve Ray Data, which then hangs
-    # without an error (RAY_NOTES.md). GPU runs keep it small too.
+    # without an error (docs/ray-notes.md, Data -> Train). GPU runs keep it small too.
     cpus_per_worker: float = 0.5
     # Intra-op threads per worker; null = the node's cores shared evenly among the training workers
     # on it (engine.intra_op_threads: Ray's own choice from a 0.5-CPU request would be 1 thread).
@@ -84,7 +79,7 @@ class TrainerConfig:
 
     # ---- cadences (in optimizer steps) ------------------------------------------------------
     log_every: int = 10  # TensorBoard scalars and routing statistics
-    # ray.train.report is throttled (~2 s per call, RAY_NOTES.md): report every N steps.
+    # ray.train.report is throttled (~2 s per call, docs/ray-notes.md): report every N steps.
     report_every: int = 10
     eval_every: int = 100  # 0 = evaluate only at the end
     eval_batches: Optional[int] = 20  # per worker; null = the whole validation split
@@ -102,62 +97,62 @@ class TrainerConfig:
     fail_at_step: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 1, f"trainer.num_workers must be >= 1, got {self.num_workers}")
-        _require(
+        require(self.num_workers >= 1, f"trainer.num_workers must be >= 1, got {self.num_workers}")
+        require(
             self.expert_parallel_size >= 1,
             f"trainer.expert_parallel_size must be >= 1, got {self.expert_parallel_size}",
         )
-        _require(
+        require(
             self.num_workers % self.expert_parallel_size == 0,
             f"trainer.num_workers={self.num_workers} must be a multiple of "
             f"trainer.expert_parallel_size={self.expert_parallel_size}",
         )
-        _require(self.cpus_per_worker > 0, f"trainer.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        _require(
+        require(self.cpus_per_worker > 0, f"trainer.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        require(
             self.torch_threads is None or self.torch_threads >= 1,
             f"trainer.torch_threads must be >= 1 or null, got {self.torch_threads}",
         )
-        _require(self.zero_stage in ZERO_STAGES, f"trainer.zero_stage must be one of 0, 1, 2, got {self.zero_stage}")
-        _require(
+        require(self.zero_stage in ZERO_STAGES, f"trainer.zero_stage must be one of 0, 1, 2, got {self.zero_stage}")
+        require(
             self.precision in PRECISIONS,
             f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
-        _require(
+        require(
             not (self.precision == "bf16" and not self.use_gpu),
             "trainer.precision=bf16 needs trainer.use_gpu=true (CPU training runs in fp32)",
         )
         for key in ("micro_batch_size", "grad_accum_steps", "log_every", "report_every", "checkpoint_every"):
             value = getattr(self, key)
-            _require(value >= 1, f"trainer.{key} must be >= 1, got {value}")
+            require(value >= 1, f"trainer.{key} must be >= 1, got {value}")
         for key in ("warmup_steps", "eval_every", "shuffle_buffer_rows", "prefetch_batches"):
             value = getattr(self, key)
-            _require(value >= 0, f"trainer.{key} must be >= 0, got {value}")
-        _require(self.lr > 0, f"trainer.lr must be > 0, got {self.lr}")
-        _require(0 <= self.min_lr_ratio <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        _require(self.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {self.weight_decay}")
+            require(value >= 0, f"trainer.{key} must be >= 0, got {value}")
+        require(self.lr > 0, f"trainer.lr must be > 0, got {self.lr}")
+        require(0 <= self.min_lr_ratio <= 1, f"trainer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        require(self.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {self.weight_decay}")
         for key in ("beta1", "beta2"):
             value = getattr(self, key)
-            _require(0 <= value < 1, f"trainer.{key} must be in [0, 1), got {value}")
-        _require(self.eps > 0, f"trainer.eps must be > 0, got {self.eps}")
+            require(0 <= value < 1, f"trainer.{key} must be in [0, 1), got {value}")
+        require(self.eps > 0, f"trainer.eps must be > 0, got {self.eps}")
         limits = {"max_steps": self.max_steps, "max_tokens": self.max_tokens, "max_epochs": self.max_epochs}
-        _require(
+        require(
             any(value is not None for value in limits.values()),
             "set at least one of trainer.max_steps, trainer.max_tokens, trainer.max_epochs (the run needs an end)",
         )
         for key, value in limits.items():
-            _require(value is None or value >= 1, f"trainer.{key} must be >= 1 or null, got {value}")
-        _require(
+            require(value is None or value >= 1, f"trainer.{key} must be >= 1 or null, got {value}")
+        require(
             self.eval_batches is None or self.eval_batches >= 1,
             f"trainer.eval_batches must be >= 1 or null (the whole split), got {self.eval_batches}",
         )
-        _require(0 < self.dead_expert_threshold <= 1,
-                 f"trainer.dead_expert_threshold must be in (0, 1], got {self.dead_expert_threshold}")
-        _require(
+        require(0 < self.dead_expert_threshold <= 1,
+                f"trainer.dead_expert_threshold must be in (0, 1], got {self.dead_expert_threshold}")
+        require(
             self.peak_flops_per_worker > 0,
             f"trainer.peak_flops_per_worker must be > 0, got {self.peak_flops_per_worker}",
         )
-        _require(
+        require(
             self.fail_at_step is None or self.fail_at_step >= 1,
             f"trainer.fail_at_step must be >= 1 or null, got {self.fail_at_step}",
         )
@@ -186,9 +181,9 @@ class RunConfig:
     export: bool = True
 
     def __post_init__(self) -> None:
-        _require(bool(self.output_dir), "run.output_dir must not be empty")
-        _require(self.max_failures >= -1, f"run.max_failures must be >= -1 (-1 = forever), got {self.max_failures}")
-        _require(self.checkpoints_to_keep >= 1, f"run.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
+        require(bool(self.output_dir), "run.output_dir must not be empty")
+        require(self.max_failures >= -1, f"run.max_failures must be >= -1 (-1 = forever), got {self.max_failures}")
+        require(self.checkpoints_to_keep >= 1, f"run.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
 
 
 @dataclass
@@ -216,9 +211,9 @@ class EvaluateConfig:
     compare_max_batches: Optional[int] = 20  # held-out batches per export in a comparison
 
     def __post_init__(self) -> None:
-        _require(bool(self.export_dir), "evaluate.export_dir must not be empty")
-        _require(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
-        _require(
+        require(bool(self.export_dir), "evaluate.export_dir must not be empty")
+        require(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        require(
             self.max_batches is None or self.max_batches >= 1,
             f"evaluate.max_batches must be >= 1 or null, got {self.max_batches}",
         )
@@ -234,10 +229,10 @@ class TaskConfig:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+        require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
                  f"tasks: name {self.name!r} must be a non-empty word (letters, digits, _ or -)")
-        _require(bool(self.dataset_dir), f"tasks.{self.name}.dataset_dir must not be empty")
-        _require(self.weight > 0, f"tasks.{self.name}.weight must be > 0, got {self.weight}")
+        require(bool(self.dataset_dir), f"tasks.{self.name}.dataset_dir must not be empty")
+        require(self.weight > 0, f"tasks.{self.name}.weight must be > 0, got {self.weight}")
 
 
 @dataclass
@@ -253,8 +248,8 @@ class DistillConfig:
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
-        _require(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
-        _require(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
+        require(self.temperature > 0, f"distill.temperature must be > 0, got {self.temperature}")
+        require(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
 
 
 @dataclass
@@ -279,29 +274,5 @@ class StageConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageConfig:
-        return dataclass_from_dict(cls, data)
-
-
-def dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (nested) dataclass from `dataclasses.asdict` output; unknown keys are errors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = set(data) - names
-    if unknown:
-        raise TrainConfigError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
-    kwargs = {name: _coerce(hints[name], value) for name, value in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    if typing.get_origin(hint) in (list, List) and isinstance(value, list):
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(item, v) for v in value]
-    for candidate in typing.get_args(hint) or (hint,):  # Optional[X] -> X
-        if dataclasses.is_dataclass(candidate) and isinstance(value, dict):
-            return dataclass_from_dict(candidate, value)
-    if typing.get_origin(hint) in (tuple,) and isinstance(value, list):
-        return tuple(value)
-    return value
+        """Rebuild from `to_dict()` output (stage.json, a trial's values); unknown keys are errors."""
+        return from_dict(cls, data)

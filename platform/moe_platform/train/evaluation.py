@@ -143,7 +143,7 @@ def evaluate_export(
     loaded (and perhaps transformed, e.g. quantized) by the caller.
     """
     from moe import load_export
-    from moe_platform.train.data import read_columns
+    from moe_platform.train.batches import read_columns
     from moe_platform.train.plan import LOSS_MASK_COLUMN, load_manifest
 
     manifest = load_manifest(dataset_dir)

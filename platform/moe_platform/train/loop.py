@@ -15,7 +15,6 @@ all ranks compute identically, so no rank waits for one that skipped it.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -27,14 +26,7 @@ import torch
 from moe.parallel import ALL_TO_ALL
 from moe_platform.train.checkpointing import TrainState, checkpoint_dir_name, restore_checkpoint, write_checkpoint
 from moe_platform.train.config import StageConfig
-from moe_platform.train.data import (
-    MixtureBatches,
-    TrainBatches,
-    task_seed,
-    train_name,
-    validation_batches,
-    validation_name,
-)
+from moe_platform.train.batches import train_stream, validation_batches, validation_name
 from moe_platform.train.engine import build_engine, init_deepspeed_comm, intra_op_threads
 from moe_platform.train.evaluation import combine_validation, distributed_validation_sums
 from moe_platform.train.metrics import (
@@ -72,21 +64,36 @@ def _quiet_report_logs() -> None:
 class _StageRun:
     def __init__(self, stage: StageConfig, plan: TrainPlan):
         import ray.train
-        import ray.train.torch
 
         self.stage, self.plan, self.trainer = stage, plan, stage.trainer
+        self._join_worker_group()
+        checkpoint = ray.train.get_checkpoint()
+        self._build_model_and_engine(from_export=checkpoint is None)
+        self.state = self._resume(checkpoint) if checkpoint is not None else self._fresh_start()
+        self._build_data_streams()
+        self._build_logging()
+
+    # ---- start ---------------------------------------------------------------------------------
+
+    def _join_worker_group(self) -> None:
+        """This worker's rank, device and threads, and DeepSpeed's view of the process group."""
+        import ray.train
+        import ray.train.torch
+
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         torch.set_num_threads(intra_op_threads(self.trainer.torch_threads, context.get_local_world_size()))
         init_deepspeed_comm("nccl" if self.trainer.use_gpu else "gloo")
 
-        checkpoint = ray.train.get_checkpoint()
+    def _build_model_and_engine(self, *, from_export: bool) -> None:
+        """The model (initial weights, then PEFT), the DeepSpeed engine around it, and the objective."""
+        stage = self.stage
         # Same seed on every rank: replicated weights start identical (DeepSpeed also broadcasts them).
         torch.manual_seed(self.trainer.seed)
         self.model = build_model(stage.model, expert_parallel_size=self.trainer.expert_parallel_size,
                                  device=self.device)
-        if checkpoint is None and stage.init.export_dir:
+        if from_export and stage.init.export_dir:
             load_export_weights(self.model, stage.init.export_dir)
         if stage.peft.enabled:
             # After the initial weights, before the engine: DeepSpeed's optimizer sees only what trains.
@@ -96,36 +103,9 @@ class _StageRun:
             if self.rank == 0:
                 log.info("peft: %s trainable of %s parameters on this rank", f"{counts['trainable']:,}",
                          f"{counts['total']:,}")
-        self.engine = build_engine(self.model, self.trainer, total_steps=plan.total_steps)
-        self.state = self._resume(checkpoint) if checkpoint is not None else self._fresh_start()
+        self.engine = build_engine(self.model, self.trainer, total_steps=self.plan.total_steps)
         self.objective = build_objective(stage, self.device)
         self.terms = tuple(self.objective.terms)
-        # task name ("" for a single dataset) -> the plan its streams read by
-        self.task_plans = {"": plan} if not plan.tasks else {
-            task.name: dataclasses.replace(plan, tasks=(), columns=task.columns,
-                                           batches_per_epoch=task.batches_per_epoch, eval_batches=task.eval_batches)
-            for task in plan.tasks
-        }
-        self.batches = self._train_batches()
-        self.validation_shards = {name: ray.train.get_dataset_shard(validation_name(name))
-                                  for name, task_plan in self.task_plans.items() if task_plan.eval_batches}
-        self._validation_cache: Optional[dict[str, list[dict]]] = None
-        self.tensorboard = TensorBoardLog(
-            os.path.join(stage.run.output_dir, TENSORBOARD_DIR) if self.rank == 0 else None,
-            purge_step=self.state.step + 1 if self.state.step else None,
-        )
-        self.meter = ThroughputMeter(
-            tokens_per_step=plan.tokens_per_step,
-            train_flops_per_token=stage.model.flops_per_token,
-            peak_flops=self.trainer.peak_flops_per_worker * self.world_size,
-        )
-        self._interval_sums = torch.zeros(len(self.terms) + 1, dtype=torch.float64, device=self.device)
-        self._interval_micro_batches = 0
-        self._routing_collected = False
-        self._comm: dict[str, float] = {}  # expert-parallel all-to-all cost of the last logging step
-        self.latest: dict[str, float] = {}
-
-    # ---- start ---------------------------------------------------------------------------------
 
     def _fresh_start(self) -> TrainState:
         # Per-rank streams from here on (router jitter etc.); checkpoints restore them exactly.
@@ -139,28 +119,36 @@ class _StageRun:
                  state.position.epoch, state.position.batches_in_epoch, checkpoint.path)
         return state
 
-    def _train_batches(self):
-        """One dataset's stream, or a weighted mixture of the tasks' streams."""
+    def _build_data_streams(self) -> None:
+        """The weighted mixture of the tasks' train streams (one task for a single dataset), at the
+        state's positions, and each task's validation shard."""
         import ray.train
 
-        def stream(task_plan: TrainPlan, name: str, seed: int, position) -> TrainBatches:
-            return TrainBatches(
-                ray.train.get_dataset_shard(train_name(name)), task_plan,
-                batch_size=self.trainer.micro_batch_size, seed=seed, rank=self.rank,
-                shuffle_buffer_rows=self.trainer.shuffle_buffer_rows,
-                prefetch_batches=self.trainer.prefetch_batches, device=self.device, position=position,
-            )
+        tasks = self.plan.tasks
+        self.batches = train_stream(self.plan, ray.train.get_dataset_shard, trainer=self.trainer, rank=self.rank,
+                                    device=self.device, position=self.state.position,
+                                    task_positions=self.state.task_positions)
+        self.tasks = {task.name: task for task in tasks}
+        self.validation_shards = {task.name: ray.train.get_dataset_shard(validation_name(task.name))
+                                  for task in tasks if task.eval_batches}
+        self._validation_cache: Optional[dict[str, list[dict]]] = None
 
-        plan = self.plan
-        if not plan.tasks:
-            return stream(plan, "", self.trainer.seed, self.state.position)
-        streams = {
-            task.name: stream(self.task_plans[task.name], task.name, task_seed(self.trainer.seed, index),
-                              self.state.task_positions.get(task.name))
-            for index, task in enumerate(plan.tasks)
-        }
-        return MixtureBatches(streams, {task.name: task.weight for task in plan.tasks}, seed=self.trainer.seed,
-                              batches_per_epoch=plan.batches_per_epoch, draws=self.state.draws)
+    def _build_logging(self) -> None:
+        """TensorBoard (rank 0), the throughput meter and the running sums of a logging interval."""
+        self.tensorboard = TensorBoardLog(
+            os.path.join(self.stage.run.output_dir, TENSORBOARD_DIR) if self.rank == 0 else None,
+            purge_step=self.state.step + 1 if self.state.step else None,
+        )
+        self.meter = ThroughputMeter(
+            tokens_per_step=self.plan.tokens_per_step,
+            train_flops_per_token=self.stage.model.flops_per_token,
+            peak_flops=self.trainer.peak_flops_per_worker * self.world_size,
+        )
+        self._interval_sums = torch.zeros(len(self.terms) + 1, dtype=torch.float64, device=self.device)
+        self._interval_micro_batches = 0
+        self._routing_collected = False
+        self._comm: dict[str, float] = {}  # expert-parallel all-to-all cost of the last logging step
+        self.latest: dict[str, float] = {}
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -200,9 +188,7 @@ class _StageRun:
         self.model.update_router_bias()
         self.state.step += 1
         self.state.tokens += self.plan.tokens_per_step
-        self.state.position = self.batches.position
-        if isinstance(self.batches, MixtureBatches):
-            self.state.draws, self.state.task_positions = self.batches.draws, self.batches.task_positions
+        self.state.position, self.state.task_positions = self.batches.position, self.batches.task_positions
         seconds = time.perf_counter() - started
         self.meter.add_step(seconds, data_wait)
         if measure_comm:
@@ -294,7 +280,7 @@ class _StageRun:
         """Read once, then kept: a fresh Ray Data execution per evaluation costs seconds."""
         if self._validation_cache is None:
             self._validation_cache = {
-                task: list(validation_batches(shard, self.task_plans[task], batch_size=self.trainer.micro_batch_size,
+                task: list(validation_batches(shard, self.tasks[task], batch_size=self.trainer.micro_batch_size,
                                               device=self.device))
                 for task, shard in self.validation_shards.items()
             }

@@ -17,12 +17,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 from moe import ModelConfig
 from moe_platform.data import Manifest
 from moe_platform.data import storage
-from moe_platform.train.config import StageConfig, TrainConfigError
+from moe_platform.train.config import StageConfig, TrainConfigError, TrainerConfig
 from moe_platform.train.objective import OBJECTIVES
 
 LOSS_MASK_COLUMN = "loss_mask"
@@ -30,37 +30,41 @@ LOSS_MASK_COLUMN = "loss_mask"
 log = logging.getLogger(__name__)
 
 
+# A stage without `tasks` trains on its dataset_dir as the one task of its plan, unnamed.
+SINGLE_DATASET_TASK = ""
+
+
 @dataclass(frozen=True)
 class TaskPlan:
-    """One dataset of a multi-task mixture, as the workers read it (counts per worker)."""
+    """One dataset of the stage's mixture, as the workers read it (counts per worker)."""
 
-    name: str
-    weight: float  # normalised: the weights of a mixture sum to 1
+    name: str  # StageConfig.tasks' name; SINGLE_DATASET_TASK for a stage's own dataset_dir
+    weight: float  # normalised: the weights of a plan's tasks sum to 1
     train_paths: tuple[str, ...]
     validation_paths: tuple[str, ...]
-    columns: tuple[str, ...]
-    batches_per_epoch: int
-    eval_batches: int
+    columns: tuple[str, ...]  # Parquet columns the loop reads: "tokens" and maybe "loss_mask"
+    batches_per_epoch: int  # micro-batches each worker reads per epoch of this task
+    eval_batches: int  # validation micro-batches per worker and evaluation (0 = no validation split)
 
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """Derived, agreed-upon facts of one stage (all counts per worker unless named global)."""
+    """Derived, agreed-upon facts of one stage (all counts per worker unless named global).
 
-    train_paths: tuple[str, ...]
-    validation_paths: tuple[str, ...]
+    Every stage trains on a mixture of `tasks`; a single dataset is a mixture of one task. The
+    fields below describe the whole mixture.
+    """
+
+    tasks: tuple[TaskPlan, ...]
     tokenizer_path: str
-    columns: tuple[str, ...]  # Parquet columns the loop reads: "tokens" and maybe "loss_mask"
+    columns: tuple[str, ...]  # Parquet columns of any task: "tokens" and maybe "loss_mask"
     seq_len: int  # model inputs per row (rows hold seq_len + 1 tokens)
     train_rows: int  # global
     validation_rows: int  # global
-    batches_per_epoch: int  # micro-batches each worker reads per epoch
+    batches_per_epoch: int  # micro-batch draws per mixture epoch: all tasks' batches together
     total_steps: int  # optimizer steps of the whole stage
     tokens_per_step: int  # global: micro_batch * grad_accum * num_workers * seq_len
-    eval_batches: int  # validation micro-batches per worker and evaluation (0 = no validation split)
-    # A multi-task mixture (StageConfig.tasks): one entry per task; the fields above then describe
-    # the whole mixture (paths empty, batches_per_epoch = draws per mixture epoch, counts summed).
-    tasks: tuple[TaskPlan, ...] = ()
+    eval_batches: int  # validation micro-batches per worker and evaluation, all tasks together
 
     @property
     def has_loss_mask(self) -> bool:
@@ -187,11 +191,62 @@ ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden
 MOE_ARCHITECTURE_KEYS = ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden", "moe_every")
 
 
-def make_plan(stage: StageConfig, manifest: Manifest) -> TrainPlan:
-    """Count rows, batches and steps; raise if the dataset cannot feed one step."""
+def stage_datasets(stage: StageConfig) -> list[tuple[str, str, float]]:
+    """(task name, dataset_dir, weight) of every dataset the stage trains on: its `tasks`, or its
+    dataset_dir as one unnamed task."""
     if stage.tasks:
-        return make_mixture_plan(stage, {task.name: load_manifest(task.dataset_dir) for task in stage.tasks})
-    trainer = stage.trainer
+        return [(task.name, task.dataset_dir, task.weight) for task in stage.tasks]
+    return [(SINGLE_DATASET_TASK, stage.dataset_dir, 1.0)]
+
+
+def load_stage_manifests(stage: StageConfig) -> dict[str, Manifest]:
+    """The manifest of every dataset of the stage, by dataset_dir."""
+    return {directory: load_manifest(directory) for _, directory, _ in stage_datasets(stage)}
+
+
+def make_plan(stage: StageConfig, manifests: Optional[Mapping[str, Manifest]] = None) -> TrainPlan:
+    """Count rows, batches and steps; raise if a dataset cannot feed one step.
+
+    `manifests`: by dataset_dir (load_stage_manifests); a dataset missing there is loaded. Each
+    task is planned alone, then the counts are combined: a mixture epoch is as many micro-batch
+    draws as all tasks hold together; each draw picks a task by weight, so a heavily weighted
+    small task repeats (its own epochs cycle faster). A single dataset's plan is its one task's
+    counts.
+    """
+    trainer, manifests = stage.trainer, manifests or {}
+    datasets = [(name, manifests[directory] if directory in manifests else load_manifest(directory), weight)
+                for name, directory, weight in stage_datasets(stage)]
+    seq_lens = {manifest.seq_len for _, manifest, _ in datasets}
+    if len(seq_lens) > 1:
+        raise TrainConfigError(
+            f"tasks: all datasets must have the same seq_len, got "
+            f"{', '.join(f'{name}={manifest.seq_len}' for name, manifest, _ in datasets)}"
+        )
+    total_weight = sum(weight for _, _, weight in datasets)
+    tasks = tuple(plan_task(name, weight / total_weight, manifest, trainer) for name, manifest, weight in datasets)
+    first = datasets[0][1]
+    batches_per_epoch = sum(task.batches_per_epoch for task in tasks)
+    tokens_per_step = trainer.samples_per_step * first.seq_len
+    manifests_used = [manifest for _, manifest, _ in datasets]
+    return TrainPlan(
+        tasks=tasks,
+        tokenizer_path=first.tokenizer_path,
+        columns=("tokens",) + ((LOSS_MASK_COLUMN,) if any(LOSS_MASK_COLUMN in t.columns for t in tasks) else ()),
+        seq_len=first.seq_len,
+        train_rows=sum(m.split("train").rows for m in manifests_used),
+        validation_rows=sum(m.splits["validation"].rows for m in manifests_used if "validation" in m.splits),
+        batches_per_epoch=batches_per_epoch,
+        total_steps=total_steps(
+            max_steps=trainer.max_steps, max_tokens=trainer.max_tokens, max_epochs=trainer.max_epochs,
+            tokens_per_step=tokens_per_step, steps_per_epoch=batches_per_epoch / trainer.grad_accum_steps,
+        ),
+        tokens_per_step=tokens_per_step,
+        eval_batches=sum(task.eval_batches for task in tasks),
+    )
+
+
+def plan_task(name: str, weight: float, manifest: Manifest, trainer: TrainerConfig) -> TaskPlan:
+    """One dataset's counts per worker; raise if it cannot feed one step."""
     train = manifest.split("train")
     validation = manifest.splits.get("validation")
     rows_per_worker = train.rows // trainer.num_workers  # streaming_split(equal=True) drops the remainder
@@ -202,76 +257,19 @@ def make_plan(stage: StageConfig, manifest: Manifest) -> TrainPlan:
             f"trainer.micro_batch_size={trainer.micro_batch_size} x trainer.grad_accum_steps="
             f"{trainer.grad_accum_steps} x trainer.num_workers={trainer.num_workers}"
         )
-    tokens_per_step = trainer.samples_per_step * manifest.seq_len
-    columns = ["tokens"] + ([LOSS_MASK_COLUMN] if LOSS_MASK_COLUMN in manifest.columns else [])
-    return TrainPlan(
+    return TaskPlan(
+        name=name,
+        weight=weight,
         train_paths=tuple(manifest.split_paths("train")),
         validation_paths=tuple(manifest.split_paths("validation")) if validation else (),
-        tokenizer_path=manifest.tokenizer_path,
-        columns=tuple(columns),
-        seq_len=manifest.seq_len,
-        train_rows=train.rows,
-        validation_rows=validation.rows if validation else 0,
+        columns=("tokens",) + ((LOSS_MASK_COLUMN,) if LOSS_MASK_COLUMN in manifest.columns else ()),
         batches_per_epoch=batches_per_epoch,
-        total_steps=total_steps(
-            max_steps=trainer.max_steps,
-            max_tokens=trainer.max_tokens,
-            max_epochs=trainer.max_epochs,
-            tokens_per_step=tokens_per_step,
-            steps_per_epoch=batches_per_epoch / trainer.grad_accum_steps,
-        ),
-        tokens_per_step=tokens_per_step,
         eval_batches=eval_batches_per_worker(
             validation.rows if validation else 0,
             num_workers=trainer.num_workers,
             batch_size=trainer.micro_batch_size,
             cap=trainer.eval_batches,
         ),
-    )
-
-
-def make_mixture_plan(stage: StageConfig, manifests: dict[str, Manifest]) -> TrainPlan:
-    """A plan over several datasets: each task is planned alone, then the counts are combined.
-
-    A mixture epoch is as many micro-batch draws as all tasks hold together; each draw picks a
-    task by weight, so a heavily weighted small task repeats (its own epochs cycle faster).
-    """
-    trainer = stage.trainer
-    total_weight = sum(task.weight for task in stage.tasks)
-    seq_lens = {manifest.seq_len for manifest in manifests.values()}
-    if len(seq_lens) > 1:
-        raise TrainConfigError(
-            f"tasks: all datasets must have the same seq_len, got "
-            f"{', '.join(f'{name}={m.seq_len}' for name, m in manifests.items())}"
-        )
-    task_plans = []
-    for task in stage.tasks:
-        single = make_plan(dataclasses.replace(stage, tasks=[], dataset_dir=task.dataset_dir), manifests[task.name])
-        task_plans.append(TaskPlan(
-            name=task.name, weight=task.weight / total_weight, train_paths=single.train_paths,
-            validation_paths=single.validation_paths, columns=single.columns,
-            batches_per_epoch=single.batches_per_epoch, eval_batches=single.eval_batches,
-        ))
-    first = manifests[stage.tasks[0].name]
-    batches_per_epoch = sum(task.batches_per_epoch for task in task_plans)
-    tokens_per_step = trainer.samples_per_step * first.seq_len
-    columns = ["tokens"] + ([LOSS_MASK_COLUMN] if any(LOSS_MASK_COLUMN in t.columns for t in task_plans) else [])
-    return TrainPlan(
-        train_paths=(),
-        validation_paths=(),
-        tokenizer_path=first.tokenizer_path,
-        columns=tuple(columns),
-        seq_len=first.seq_len,
-        train_rows=sum(m.split("train").rows for m in manifests.values()),
-        validation_rows=sum(m.splits["validation"].rows for m in manifests.values() if "validation" in m.splits),
-        batches_per_epoch=batches_per_epoch,
-        total_steps=total_steps(
-            max_steps=trainer.max_steps, max_tokens=trainer.max_tokens, max_epochs=trainer.max_epochs,
-            tokens_per_step=tokens_per_step, steps_per_epoch=batches_per_epoch / trainer.grad_accum_steps,
-        ),
-        tokens_per_step=tokens_per_step,
-        eval_batches=sum(task.eval_batches for task in task_plans),
-        tasks=tuple(task_plans),
     )
 
 

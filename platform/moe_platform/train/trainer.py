@@ -29,10 +29,16 @@ from typing import Any, Optional
 from moe_platform.data import storage
 from moe_platform.train.checkpointing import CheckpointError
 from moe_platform.train.config import StageConfig, TrainConfigError
-from moe_platform.train.data import build_datasets, data_config
+from moe_platform.train.batches import build_datasets, data_config
 from moe_platform.train.export import export_checkpoint
 from moe_platform.train.loop import TENSORBOARD_DIR, train_loop_per_worker
-from moe_platform.train.plan import TrainPlan, check_model_fits_data, load_manifest, make_plan, validate_stage
+from moe_platform.train.plan import (
+    TrainPlan,
+    check_model_fits_data,
+    load_stage_manifests,
+    make_plan,
+    validate_stage,
+)
 from moe_platform.train.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -71,11 +77,10 @@ def prepare_stage(stage: StageConfig) -> tuple[StageConfig, TrainPlan]:
     """Absolute paths, cross-section checks, the model against the dataset, the plan."""
     stage = with_absolute_paths(stage)
     validate_stage(stage)
-    dataset_dirs = [task.dataset_dir for task in stage.tasks] or [stage.dataset_dir]
-    manifests = [load_manifest(directory) for directory in dataset_dirs]
-    for manifest in manifests:
+    manifests = load_stage_manifests(stage)
+    for manifest in manifests.values():
         check_model_fits_data(stage.model, manifest)
-    return stage, make_plan(stage, manifests[0])
+    return stage, make_plan(stage, manifests)
 
 
 def with_absolute_paths(stage: StageConfig) -> StageConfig:

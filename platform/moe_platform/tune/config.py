@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from moe.configs import ConfigError, require
+
 # Sampled: choice (uniform over values), uniform / loguniform (floats in [low, high]),
 # randint (integers low..high, both included). grid: every value, in every sample.
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -35,13 +37,8 @@ MODES = ("min", "max")
 METRICS = ("val/loss", "val/perplexity", "train/loss", "train/lm_loss")
 
 
-class TuneConfigError(ValueError):
-    """A sweep config value is wrong; the message is one sentence naming the key."""
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise TuneConfigError(message)
+# The one config error (moe.configs), under the name the tuning code has always raised.
+TuneConfigError = ConfigError
 
 
 @dataclass
@@ -55,39 +52,39 @@ class ParamSpec:
     high: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _require(bool(self.key) and " " not in self.key,
+        require(bool(self.key) and " " not in self.key,
                  f"tune.space: an entry has an empty or invalid key {self.key!r}")
         name = f"tune.space entry {self.key}"
-        _require(self.kind in KINDS, f"{name}: kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        require(self.kind in KINDS, f"{name}: kind={self.kind!r} is not one of {', '.join(KINDS)}")
         if self.kind in DISCRETE_KINDS:
             self._check_discrete(name)
         else:
             self._check_range(name)
 
     def _check_discrete(self, name: str) -> None:
-        _require(self.low is None and self.high is None, f"{name}: kind={self.kind} takes values, not low/high")
-        _require(len(self.values) > 0, f"{name}: kind={self.kind} needs a non-empty values list")
+        require(self.low is None and self.high is None, f"{name}: kind={self.kind} takes values, not low/high")
+        require(len(self.values) > 0, f"{name}: kind={self.kind} needs a non-empty values list")
         for value in self.values:
-            _require(
+            require(
                 value is None or isinstance(value, (bool, int, float, str)),
                 f"{name}: values must be plain scalars (number, string, bool or null), got {value!r}",
             )
 
     def _check_range(self, name: str) -> None:
-        _require(not self.values, f"{name}: kind={self.kind} takes low/high, not values")
-        _require(self.low is not None and self.high is not None, f"{name}: kind={self.kind} needs both low and high")
+        require(not self.values, f"{name}: kind={self.kind} takes low/high, not values")
+        require(self.low is not None and self.high is not None, f"{name}: kind={self.kind} needs both low and high")
         assert self.low is not None and self.high is not None
-        _require(math.isfinite(self.low) and math.isfinite(self.high), f"{name}: low and high must be finite numbers")
+        require(math.isfinite(self.low) and math.isfinite(self.high), f"{name}: low and high must be finite numbers")
         if self.kind == "randint":
-            _require(
+            require(
                 float(self.low).is_integer() and float(self.high).is_integer(),
                 f"{name}: kind=randint needs integer low/high, got low={self.low}, high={self.high}",
             )
-            _require(self.low <= self.high, f"{name}: low={self.low} must be <= high={self.high}")
+            require(self.low <= self.high, f"{name}: low={self.low} must be <= high={self.high}")
         else:
-            _require(self.low < self.high, f"{name}: low={self.low} must be < high={self.high}")
+            require(self.low < self.high, f"{name}: low={self.low} must be < high={self.high}")
         if self.kind == "loguniform":
-            _require(self.low > 0, f"{name}: kind=loguniform needs low > 0, got low={self.low}")
+            require(self.low > 0, f"{name}: kind=loguniform needs low > 0, got low={self.low}")
 
     def candidates(self) -> list[Any]:
         """Values that stand for the whole spec in pre-flight checks: every discrete value, or the range's ends."""
@@ -133,22 +130,22 @@ class TuneConfig:
     resume_errored: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.num_samples >= 1, f"tune.num_samples must be >= 1, got {self.num_samples}")
-        _require(self.max_concurrent_trials >= 1,
+        require(self.num_samples >= 1, f"tune.num_samples must be >= 1, got {self.num_samples}")
+        require(self.max_concurrent_trials >= 1,
                  f"tune.max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
-        _require(self.metric in METRICS, f"tune.metric={self.metric!r} is not one of {', '.join(METRICS)}")
-        _require(self.mode in MODES, f"tune.mode={self.mode!r} is not one of {', '.join(MODES)}")
-        _require(self.scheduler in SCHEDULERS,
+        require(self.metric in METRICS, f"tune.metric={self.metric!r} is not one of {', '.join(METRICS)}")
+        require(self.mode in MODES, f"tune.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        require(self.scheduler in SCHEDULERS,
                  f"tune.scheduler={self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        _require(self.grace_period >= 1, f"tune.grace_period must be >= 1 step, got {self.grace_period}")
-        _require(self.reduction_factor > 1, f"tune.reduction_factor must be > 1, got {self.reduction_factor}")
-        _require(self.max_t is None or self.max_t >= 1, f"tune.max_t must be >= 1 step or null, got {self.max_t}")
-        _require(
+        require(self.grace_period >= 1, f"tune.grace_period must be >= 1 step, got {self.grace_period}")
+        require(self.reduction_factor > 1, f"tune.reduction_factor must be > 1, got {self.reduction_factor}")
+        require(self.max_t is None or self.max_t >= 1, f"tune.max_t must be >= 1 step or null, got {self.max_t}")
+        require(
             self.max_t is None or self.scheduler != "asha" or self.max_t >= self.grace_period,
             f"tune.max_t={self.max_t} must be >= tune.grace_period={self.grace_period}",
         )
-        _require(bool(self.output_dir), "tune.output_dir must not be empty")
-        _require(len(self.space) > 0, "tune.space is empty: give at least one config key to search")
+        require(bool(self.output_dir), "tune.output_dir must not be empty")
+        require(len(self.space) > 0, "tune.space is empty: give at least one config key to search")
         keys = [spec.key for spec in self.space]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:

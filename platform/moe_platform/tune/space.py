@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+from moe.configs import ConfigError, coerce
 from moe_platform.data import Manifest
 from moe_platform.train import StageConfig
 from moe_platform.train.plan import check_model_fits_data, make_plan, validate_stage
@@ -61,29 +62,14 @@ def field_type(key: str) -> Any:
 
 def coerce_value(key: str, hint: Any, value: Any) -> Any:
     """`value` as the field's type (an int is a valid float); raises naming the key if it cannot be."""
-    optional = type(None) in typing.get_args(hint)
     base = next((arg for arg in typing.get_args(hint) if arg is not type(None)), hint)
-    if value is None:
-        if optional:
-            return None
-        raise TuneConfigError(f"tune.space: {key} cannot be null")
-    if base is bool:
-        ok = isinstance(value, bool)
-    elif base is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif base is str:
-        ok = isinstance(value, str)
-    else:
+    if base not in (bool, int, float, str):
         raise TuneConfigError(f"tune.space: {key} has type {base} which cannot be searched")
-    if not ok:
-        raise TuneConfigError(
-            f"tune.space: {key} takes {base.__name__} values, got {value!r}"
-            + (" (use kind=choice or randint for integers)" if base is int and isinstance(value, float) else "")
-        )
-    return value
+    try:
+        return coerce(hint, value, key)
+    except ConfigError as exc:
+        hint_text = " (use kind=choice or randint for integers)" if base is int and isinstance(value, float) else ""
+        raise TuneConfigError(f"tune.space: {exc}{hint_text}") from None
 
 
 def typed_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +115,7 @@ def check_trial_stage(stage: StageConfig, manifest: Manifest, tune: TuneConfig, 
     try:
         validate_stage(stage)
         check_model_fits_data(stage.model, manifest)
-        plan = make_plan(stage, manifest)
+        plan = make_plan(stage, {stage.dataset_dir: manifest})
     except (ValueError, TypeError) as exc:
         raise _rejected(exc, params) from None
     try:

@@ -7,7 +7,7 @@
 Each trial is a Tune *function trainable* that builds the pretraining
 `TorchTrainer` (`moe_platform.train.train`) for the base stage with the trial's
 values applied, and forwards its reports to Tune with `TuneReportCallback`: the
-supported way to tune Ray Train V2 (`Tuner(trainer)` is deprecated, RAY_NOTES.md).
+supported way to tune Ray Train V2 (`Tuner(trainer)` is deprecated, docs/ray-notes.md).
 ASHA acts on the forwarded `tune.metric` at `step` (optimizer steps).
 
 Directory layout (`tune.output_dir`):
@@ -48,7 +48,7 @@ _SESSION_END_MARKER = "hparams_session_end.json"
 # tune keys that may change when an interrupted sweep resumes: they change no trial.
 OPERATIONAL_TUNE_KEYS = frozenset({"output_dir", "resume_errored"})
 # Tune's trainable only waits for its TorchTrainer; the workers hold the real resources
-# (0 CPU is refused, RAY_NOTES.md).
+# (0 CPU is refused, docs/ray-notes.md).
 TRAINABLE_CPUS = 0.01
 # Ray Data lists and reads files in tasks of one whole CPU (the listing task's request cannot be
 # lowered), so trials that leave less than this free in the cluster hang without an error.

@@ -19,8 +19,9 @@ from tokenizers import Tokenizer
 from moe_platform.data import DataConfig, DataError, Manifest
 from moe_platform.data.instructions import BUILTIN_IDENTITY, write_stdlib_instructions
 from moe_platform.data.manifest import Skip
-from moe_platform.data.prepare import compute_fingerprint, prepare_dataset
-from moe_platform.data.sources import Instruction, SourceFile, find_corpus, read_instructions
+from moe_platform.data.prepare import compute_fingerprint, find_input, prepare_dataset
+from moe_platform.data.records import Instruction, RecordFormat, read_records
+from moe_platform.data.sources import SourceFile, find_corpus
 from moe_platform.data.tokenizer import encode_instructions, train_tokenizer
 
 TEMPLATE = "Q: {prompt}\nA: "
@@ -170,7 +171,7 @@ def test_write_stdlib_instructions(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "set.jsonl").read_text().splitlines()]
     assert count == len(records) == 5
     assert all(r["q"].startswith("# ") and "\ndef " in r["q"] and r["response"].strip() for r in records)
-    again = find_corpus(DataConfig(kind="instruction", max_documents=5, prompt_field="q"))
+    again = find_input(DataConfig(kind="instruction", max_documents=5, prompt_field="q"))
     assert again.files[0].identity == BUILTIN_IDENTITY
     assert Path(again.files[0].location).read_text() == (tmp_path / "set.jsonl").read_text()
 
@@ -178,12 +179,10 @@ def test_write_stdlib_instructions(tmp_path):
 def test_reading_instruction_records(tmp_path):
     path = tmp_path / "r.parquet"
     write_parquet(path, "prompt", ["p0", None])
-    assert list(read_instructions(SourceFile(str(path), "r.parquet", 0, 0), prompt_field="prompt",
-                                  response_field="response")) == [
+    assert list(read_records(SourceFile(str(path), "r.parquet", 0, 0), RecordFormat.instruction())) == [
         Skip(str(path), "no column 'response' (data.response_field; columns: prompt)")]
     pq.write_table(pa.table({"prompt": ["p0", None], "response": ["r0", "r1"]}), path)
-    assert list(read_instructions(SourceFile(str(path), "r.parquet", 0, 0), prompt_field="prompt",
-                                  response_field="response")) == [
+    assert list(read_records(SourceFile(str(path), "r.parquet", 0, 0), RecordFormat.instruction())) == [
         Instruction("r.parquet#0", "p0", "r0"), Skip(str(path), "row 1: null 'prompt'")]
 
 

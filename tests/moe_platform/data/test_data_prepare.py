@@ -168,3 +168,27 @@ def test_extra_documents_keep_their_split(tmp_path):
     bigger = prepare_dataset(config_for(root, tmp_path / "b", validation_fraction=0.5)).manifest
     assert bigger.fingerprint != small.fingerprint
     assert bigger.documents.used == len(documents) + 1
+
+
+def test_no_input_file_crashes_prepare(corpus, tmp_path):
+    """Files as a new user has them: every bad record is skipped with its file, line and reason."""
+    root, documents = corpus
+    separators = json.dumps({"text": "kept\u2028whole\u2029record\u0085here " * 4}, ensure_ascii=False)
+    (root / "deep.jsonl").write_text('{"text": "shallow record"}\n' + "[" * 50_000 + "\n" + separators + "\n")
+    (root / "mixed.jsonl").write_bytes(b'{"text": "caf\xe9"}\n{"text": "\\udc00"}\n[1, 2]\n{"text": 1e999999}\n')
+    (root / "empty.jsonl").write_bytes(b"")
+    (root / "empty.parquet").write_bytes(b"")
+    (root / "archive.jsonl").write_bytes(b"PK\x03\x04\x00\x00")
+    manifest = prepare_dataset(config_for(root, tmp_path / "ds")).manifest
+    assert manifest.documents.used == len(documents) + 2  # the shallow record and the one with separators
+    reasons = {(Path(s.path).name, s.reason.split(" (")[0]) for s in manifest.documents.skipped}
+    assert reasons == {
+        ("deep.jsonl", "line 2: malformed JSON"),
+        ("mixed.jsonl", "line 1: invalid UTF-8 at byte 13"),
+        ("mixed.jsonl", "line 2: text holds an unpaired surrogate"),
+        ("mixed.jsonl", "line 3: no 'text' field"),
+        ("mixed.jsonl", "line 4: text is float, not a string"),
+        ("empty.jsonl", "no documents"),
+        ("empty.parquet", "read error: Parquet file size is 0 bytes"),
+        ("archive.jsonl", "binary file"),
+    }

@@ -1,23 +1,17 @@
-"""Finding corpus files (driver) and reading documents (anywhere), including every bad input."""
+"""Finding corpus files (driver), including every unusable input; reading them is test_data_records.py."""
 import sysconfig
 
-import pyarrow as pa
 import pytest
-from data_corpus import write_jsonl, write_parquet
 
 from moe_platform.data import DataConfig, DataError
 from moe_platform.data.config import DEFAULT_CORPUS_MAX_BYTES
 from moe_platform.data.manifest import Skip
-from moe_platform.data.sources import Document, SourceFile, apply_caps, find_corpus, read_documents
+from moe_platform.data.records import Document, RecordFormat, read_records
+from moe_platform.data.sources import SourceFile, apply_caps, find_corpus
 
 
 def find(path, **overrides):
     return find_corpus(DataConfig(input=str(path), **overrides))
-
-
-def read(path, **kwargs):
-    file = SourceFile(location=str(path), identity=path.name, size=path.stat().st_size, mtime_ns=0)
-    return list(read_documents(file, text_field=kwargs.get("field", "text"), text_column=kwargs.get("column", "text")))
 
 
 # ---- finding ---------------------------------------------------------------------------------
@@ -56,7 +50,7 @@ def test_uri_input_and_uri_glob(corpus):
     assert [f.identity for f in found.files] == sorted(documents)
     assert all(f.location == f"file://{root}/{f.identity}" for f in found.files)
     first = found.files[0]
-    assert read_documents(first, text_field="text", text_column="text").__next__() == Document(
+    assert read_records(first, RecordFormat.text()).__next__() == Document(
         first.identity, documents[first.identity])
     globbed = find(f"file://{root}/sub/*.txt")
     assert [f.identity for f in globbed.files] == sorted(i[4:] for i in documents if i.startswith("sub/") and i.endswith(".txt"))
@@ -111,77 +105,10 @@ def test_caps_keep_a_prefix_and_count_documents_only_while_exact():
     assert [f.identity for f in apply_caps(files, max_bytes=1, max_documents=None)] == ["a.txt"]
 
 
-# ---- reading -----------------------------------------------------------------------------------
-
-
-def test_text_file_is_one_document_and_bom_is_dropped(tmp_path):
-    path = tmp_path / "a.md"
-    path.write_bytes("\ufeffhello\nworld\n".encode("utf-8"))
-    assert read(path) == [Document("a.md", "hello\nworld\n")]
-
-
-@pytest.mark.parametrize(
-    "content, reason",
-    [
-        (b"abc\x00def", "binary file (NUL byte at 3)"),
-        (b"ok" * 617 + b"\xff\xfe", "invalid UTF-8 at byte 1234"),
-        (b"  \n\t\n", "empty document"),
-    ],
-    ids=["binary", "invalid-utf8", "empty"],
-)
-def test_bad_text_files_become_named_skips(tmp_path, content, reason):
-    path = tmp_path / "bad.txt"
-    path.write_bytes(content)
-    assert read(path) == [Skip(str(path), reason)]
-
-
-def test_jsonl_lines_are_documents_and_bad_lines_are_skips(tmp_path):
-    path = tmp_path / "docs.jsonl"
-    path.write_text(
-        '{"text": "first"}\n'
-        "\n"  # blank lines are not documents
-        '{"text": "second", "meta": 1}\n'
-        "{not json\n"
-        '{"body": "wrong field"}\n'
-        '{"text": 5}\n'
-        '{"text": ""}\n',
-        encoding="utf-8",
-    )
-    assert read(path) == [
-        Document("docs.jsonl:1", "first"),
-        Document("docs.jsonl:3", "second"),
-        Skip(str(path), "line 4: malformed JSON (Expecting property name enclosed in double quotes)"),
-        Skip(str(path), "line 5: no 'text' field (data.text_field)"),
-        Skip(str(path), "line 6: text is int, not a string"),
-        Skip(str(path), "line 7: empty document"),
-    ]
-    write_jsonl(path, ["a body"], field="body")
-    assert read(path, field="body") == [Document("docs.jsonl:1", "a body")]
-
-
-def test_parquet_rows_are_documents(tmp_path):
-    path = tmp_path / "docs.parquet"
-    write_parquet(path, "content", ["one", None, "three"])
-    assert read(path, column="content") == [
-        Document("docs.parquet#0", "one"),
-        Skip(str(path), "row 1: null text"),
-        Document("docs.parquet#2", "three"),
-    ]
-
-
-def test_parquet_without_text_column_or_with_wrong_type(tmp_path):
-    path = tmp_path / "docs.parquet"
-    write_parquet(path, "body", ["x"])
-    assert read(path) == [Skip(str(path), "no column 'text' (data.text_column; columns: body)")]
-    write_parquet(path, "text", [1, 2], type=pa.int64())
-    assert read(path) == [Skip(str(path), "column 'text' is int64, not a string")]
-
-
-def test_corrupt_parquet_and_empty_jsonl_are_skips(tmp_path):
-    broken = tmp_path / "broken.parquet"
-    broken.write_bytes(b"PAR1 not really")
-    [skip] = read(broken)
-    assert isinstance(skip, Skip) and skip.reason.startswith("read error:")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n\n")
-    assert read(empty) == [Skip(str(empty), "no documents")]
+def test_a_symlink_loop_lists_each_file_once(corpus):
+    """`current -> .` inside a corpus must not repeat every file below it at each level of the loop."""
+    root, documents = corpus
+    (root / "sub" / "current").symlink_to(root / "sub")
+    (root / "alias.txt").symlink_to(root / "doc01.md")
+    found = find(root)
+    assert [f.identity for f in found.files] == sorted(documents)

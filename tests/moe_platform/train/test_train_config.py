@@ -85,7 +85,9 @@ def test_prepare_stage_plans_from_the_manifest(tmp_path):
     assert plan.tokens_per_step == 2 * 8 * 32
     assert plan.eval_batches == 2  # 40 / 2 = 20 rows -> 2 batches of 8
     assert plan.columns == ("tokens",)
-    assert len(plan.train_paths) == 1 and plan.train_paths[0].startswith(str(tmp_path))
+    [task] = plan.tasks  # a single dataset is a mixture of one unnamed task with the plan's counts
+    assert (task.name, task.weight, task.batches_per_epoch, task.eval_batches) == ("", 1.0, 6, 2)
+    assert len(task.train_paths) == 1 and task.train_paths[0].startswith(str(tmp_path))
 
 
 @pytest.mark.parametrize(

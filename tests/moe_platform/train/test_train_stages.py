@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from moe import MoETransformer, load_export, save_export
 from moe.peft import PeftConfig
 from moe_platform.train import DistillConfig, TaskConfig, TrainConfigError, prepare_stage, train
-from moe_platform.train.data import DataPosition, MixtureBatches, TrainBatches
+from moe_platform.train.batches import DataPosition, MixtureBatches, TaskBatches
 from moe_platform.train.objective import kl_to_teacher
-from moe_platform.train.plan import make_mixture_plan, load_manifest
+from moe_platform.train.plan import load_manifest, make_plan
 from train_test_support import (
     read_json,
     read_scalars,
@@ -27,7 +27,7 @@ from train_test_support import (
     tiny_stage,
     write_dataset,
 )
-from test_train_state import FakeShard, make_plan
+from test_train_state import FakeShard, make_task
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def mixture_stage(two_datasets, exports, output_dir, **trainer):
 
 def test_mixture_plan_combines_the_tasks(two_datasets, exports, tmp_path):
     stage, plan = prepare_stage(mixture_stage(two_datasets, exports, str(tmp_path / "run")))
-    manifests = {task.name: load_manifest(task.dataset_dir) for task in stage.tasks}
-    assert make_mixture_plan(stage, manifests) == plan
+    manifests = {task.dataset_dir: load_manifest(task.dataset_dir) for task in stage.tasks}
+    assert make_plan(stage, manifests) == plan
     text, qa = plan.tasks
     assert (text.name, qa.name) == ("text", "qa")
     assert text.weight == pytest.approx(0.25) and qa.weight == pytest.approx(0.75)
@@ -82,13 +82,13 @@ def test_mixture_plan_combines_the_tasks(two_datasets, exports, tmp_path):
 
 
 def test_mixture_draws_follow_the_weights_and_resume_exactly():
-    def mixture(positions=None, draws=0):
+    def mixture(positions=None, position=None):
         positions = positions or {}
-        streams = {name: TrainBatches(FakeShard(rows), make_plan(rows // 4), batch_size=4, seed=seed, rank=0,
-                                      shuffle_buffer_rows=8, prefetch_batches=1, device=torch.device("cpu"),
-                                      position=positions.get(name))
+        streams = {name: TaskBatches(FakeShard(rows), make_task(rows // 4, name), batch_size=4, seed=seed, rank=0,
+                                     shuffle_buffer_rows=8, prefetch_batches=1, device=torch.device("cpu"),
+                                     position=positions.get(name))
                    for name, rows, seed in (("a", 40, 1), ("b", 400, 2))}
-        return MixtureBatches(streams, {"a": 0.8, "b": 0.2}, seed=7, batches_per_epoch=110, draws=draws)
+        return MixtureBatches(streams, {"a": 0.8, "b": 0.2}, seed=7, batches_per_epoch=110, position=position)
 
     whole = mixture()
     sequence = [tuple(next(whole)["tokens"].tolist()) for _ in range(60)]
@@ -96,7 +96,8 @@ def test_mixture_draws_follow_the_weights_and_resume_exactly():
     assert 36 <= from_a <= 60  # ~80 % of draws come from task a (its rows are the ids below 40)
     first = mixture()
     head = [tuple(next(first)["tokens"].tolist()) for _ in range(25)]
-    resumed = mixture(first.task_positions, first.draws)
+    assert first.position == DataPosition(epoch=0, batches_in_epoch=25) and first.draws == 25
+    resumed = mixture(first.task_positions, first.position)
     tail = [tuple(next(resumed)["tokens"].tolist()) for _ in range(35)]
     assert head + tail == sequence
     assert first.task_positions["a"].epoch >= 1  # task a (10 batches per epoch) wrapped around
@@ -141,7 +142,7 @@ def test_mixture_distillation_with_lora_finishes_after_a_restart(mixture_run):
     stage, result = mixture_run
     assert os.path.exists(os.path.join(stage.run.output_dir, ".failed_at_step_8"))
     state = read_json(os.path.join(result.checkpoint_dir, "train_state.json"))
-    assert state["step"] == 12 and state["draws"] == 12
+    assert state["step"] == 12 and state["position"] == {"epoch": 0, "batches_in_epoch": 12}  # 12 draws of 44
     assert set(state["task_positions"]) == {"text", "qa"}
     drawn = sum(p["epoch"] * b + p["batches_in_epoch"]
                 for p, b in ((state["task_positions"]["text"], 32), (state["task_positions"]["qa"], 12)))

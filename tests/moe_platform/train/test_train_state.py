@@ -18,9 +18,10 @@ from moe_platform.train.checkpointing import (
     latest_complete_checkpoint,
     restore_rng_state,
 )
-from moe_platform.train.data import DataPosition, TrainBatches
+from moe_platform.train.batches import DataPosition, TaskBatches, train_stream
 from moe_platform.train.export import resolve_checkpoint
-from moe_platform.train.plan import TrainPlan
+from moe_platform.train.config import TrainerConfig
+from moe_platform.train.plan import TaskPlan, TrainPlan
 
 
 class FakeShard:
@@ -37,15 +38,14 @@ class FakeShard:
             yield {"tokens": torch.tensor(order[start:start + batch_size])}
 
 
-def make_plan(batches_per_epoch: int) -> TrainPlan:
-    return TrainPlan(train_paths=(), validation_paths=(), tokenizer_path="", columns=("tokens",), seq_len=8,
-                     train_rows=0, validation_rows=0, batches_per_epoch=batches_per_epoch, total_steps=100,
-                     tokens_per_step=1, eval_batches=0)
+def make_task(batches_per_epoch: int, name: str = "") -> TaskPlan:
+    return TaskPlan(name=name, weight=1.0, train_paths=(), validation_paths=(), columns=("tokens",),
+                    batches_per_epoch=batches_per_epoch, eval_batches=0)
 
 
 def stream(shard, position=None, batches_per_epoch=5):
-    return TrainBatches(shard, make_plan(batches_per_epoch), batch_size=4, seed=1, rank=0, shuffle_buffer_rows=16,
-                        prefetch_batches=1, device=torch.device("cpu"), position=position)
+    return TaskBatches(shard, make_task(batches_per_epoch), batch_size=4, seed=1, rank=0, shuffle_buffer_rows=16,
+                       prefetch_batches=1, device=torch.device("cpu"), position=position)
 
 
 def take(batches, n):
@@ -73,6 +73,48 @@ def test_a_shard_that_runs_dry_says_why():
     take(batches, 2)
     with pytest.raises(RuntimeError, match="ran out of training rows"):
         next(batches)
+
+
+# The first row id of each of 13 batches (2.6 epochs of 5) that the loop read from a single dataset
+# (seed 7, batches of 4 out of 22 rows) before a single dataset became a mixture of one task:
+# recorded from that code's TrainBatches, the stream its loop built for a stage without tasks.
+SINGLE_DATASET_ORDER = {
+    0: [20, 9, 10, 7, 18, 12, 6, 20, 1, 0, 5, 14, 8],
+    1: [20, 5, 9, 2, 8, 18, 7, 5, 12, 4, 3, 15, 0],
+}
+
+
+def single_dataset_stream(rank, state=None):
+    task = make_task(5)
+    plan = TrainPlan(tasks=(task,), tokenizer_path="", columns=("tokens",), seq_len=8, train_rows=22,
+                     validation_rows=0, batches_per_epoch=5, total_steps=100, tokens_per_step=1, eval_batches=0)
+    trainer = TrainerConfig(seed=7, micro_batch_size=4, shuffle_buffer_rows=16, prefetch_batches=1)
+    state = state or TrainState()
+    return train_stream(plan, lambda name: FakeShard(rows=22) if name == "train" else None, trainer=trainer,
+                        rank=rank, device=torch.device("cpu"), position=state.position,
+                        task_positions=state.task_positions)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_single_dataset_is_read_in_exactly_the_order_it_was_before_mixtures_of_one(rank):
+    assert [row for row, *_ in take(single_dataset_stream(rank), 13)] == SINGLE_DATASET_ORDER[rank]
+
+
+def test_a_checkpoint_of_the_old_format_resumes_at_the_same_batch():
+    """Format 1 (before every stage was a mixture): a single dataset's state was its one position."""
+    old = {"step": 7, "tokens": 56, "position": {"epoch": 1, "batches_in_epoch": 2}, "world_size": 1}
+    state = TrainState.from_dict(old)
+    assert state.task_positions == {"": DataPosition(1, 2)} and state.position == DataPosition(1, 2)
+    resumed = single_dataset_stream(0, state)
+    assert [row for row, *_ in take(resumed, 6)] == SINGLE_DATASET_ORDER[0][7:13]
+    assert resumed.position == DataPosition(epoch=2, batches_in_epoch=3)
+    # A mixture's format-1 state: draws are implied by its position.
+    mixture = {"step": 3, "tokens": 9, "position": {"epoch": 0, "batches_in_epoch": 3}, "draws": 3,
+               "task_positions": {"a": {"epoch": 0, "batches_in_epoch": 3}}}
+    assert TrainState.from_dict(mixture).task_positions == {"a": DataPosition(0, 3)}
+    with pytest.raises(CheckpointError, match="train_state.json has format version 3; .* reads versions 1 to 2"):
+        TrainState.from_dict({**old, "format_version": 3})
+    assert TrainState.from_dict(TrainState(step=2).to_dict()) == TrainState(step=2)
 
 
 def write_fake_checkpoint(directory, step: int, world_size: int = 2, complete_ranks=(0, 1)):

@@ -1,12 +1,16 @@
 """Ray Data -> training batches: datasets on the driver, resumable batch streams on workers.
 
+Every stage trains on a mixture of tasks (a single dataset is a mixture of one unnamed task):
+`TaskBatches` is one task's endless stream over its epochs, and `MixtureBatches` - the one stream
+the loop reads - draws each micro-batch from a task chosen by weight.
+
 Determinism is what makes resume exact. `DataConfig(preserve_order=True)` gives
 every worker the same row sequence in every run of the same config, so a
 worker that restarts from a checkpoint at (epoch, batches consumed) reopens
 that epoch and skips the consumed batches: nothing repeated, nothing skipped.
 Each epoch is shuffled differently by a per-worker shuffle buffer seeded from
 (seed, epoch, rank) - not by `random_shuffle`, whose per-execution reseeding
-restarts from epoch 0's order after a restart (see RAY_NOTES.md).
+restarts from epoch 0's order after a restart (docs/ray-notes.md, Data -> Train).
 
 Shapes: B = micro_batch_size rows, L = seq_len + 1 tokens per row.
 """
@@ -16,11 +20,12 @@ import logging
 import dataclasses
 import random
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from moe_platform.train.plan import LOSS_MASK_COLUMN, TrainPlan
+from moe_platform.train.config import TrainerConfig
+from moe_platform.train.plan import LOSS_MASK_COLUMN, TaskPlan, TrainPlan
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,7 @@ _DTYPES = {"tokens": torch.int32, LOSS_MASK_COLUMN: torch.int8}
 
 
 def train_name(task: str = "") -> str:
-    """The dataset name a worker asks for: "train", or "train.<task>" in a mixture."""
+    """The dataset name a worker asks for: "train" for a stage's single (unnamed) dataset, else "train.<task>"."""
     return f"{TRAIN}.{task}" if task else TRAIN
 
 
@@ -41,13 +46,13 @@ def validation_name(task: str = "") -> str:
 
 
 def build_datasets(plan: TrainPlan) -> dict:
-    """{"train": ds, "validation": ds?} (or per task of a mixture) reading only the columns the loop uses."""
+    """Each task's train (and validation) dataset, by `train_name`/`validation_name`, reading only
+    the columns the loop uses."""
     datasets = {}
-    # A single dataset reads as one unnamed task whose counts are the plan's own.
-    for name, task in [(task.name, task) for task in plan.tasks] or [("", plan)]:
-        datasets[train_name(name)] = read_columns(task.train_paths, task.columns)
+    for task in plan.tasks:
+        datasets[train_name(task.name)] = read_columns(task.train_paths, task.columns)
         if task.eval_batches:
-            datasets[validation_name(name)] = read_columns(task.validation_paths, task.columns)
+            datasets[validation_name(task.name)] = read_columns(task.validation_paths, task.columns)
     for dataset in datasets.values():
         # Progress bars of every epoch's execution would drown the training log.
         dataset.context.enable_progress_bars = False
@@ -85,18 +90,18 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + rank) % (2**31)
 
 
-class TrainBatches:
-    """An endless stream of (B, L) micro-batches over epochs, resumable at a DataPosition.
+class TaskBatches:
+    """One task's endless stream of (B, L) micro-batches over epochs, resumable at a DataPosition.
 
-    Every worker reads exactly `plan.batches_per_epoch` batches per epoch, so all
+    Every worker reads exactly `task.batches_per_epoch` batches per epoch, so all
     workers cross epoch boundaries together.
     """
 
-    def __init__(self, shard, plan: TrainPlan, *, batch_size: int, seed: int, rank: int,
+    def __init__(self, shard, task: TaskPlan, *, batch_size: int, seed: int, rank: int,
                  shuffle_buffer_rows: int, prefetch_batches: int, device: torch.device,
                  position: Optional[DataPosition] = None):
         self._shard = shard
-        self._plan = plan
+        self._task = task
         self._batch_size = batch_size
         self._seed = seed
         self._rank = rank
@@ -106,11 +111,11 @@ class TrainBatches:
         self.position = position or DataPosition()
         self._batches: Optional[Iterator[dict]] = None
 
-    def __iter__(self) -> TrainBatches:
+    def __iter__(self) -> TaskBatches:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.position.batches_in_epoch >= self._plan.batches_per_epoch:
+        if self.position.batches_in_epoch >= self._task.batches_per_epoch:
             self._close()
             self.position = DataPosition(epoch=self.position.epoch + 1)
         if self._batches is None:
@@ -120,7 +125,7 @@ class TrainBatches:
         except StopIteration:
             raise RuntimeError(
                 f"rank {self._rank} ran out of training rows in epoch {self.position.epoch} after "
-                f"{self.position.batches_in_epoch} of {self._plan.batches_per_epoch} batches: the dataset "
+                f"{self.position.batches_in_epoch} of {self._task.batches_per_epoch} batches: the dataset "
                 "changed since the run was planned (its manifest row counts no longer match the shards)"
             ) from None
         self.position.batches_in_epoch += 1
@@ -132,7 +137,7 @@ class TrainBatches:
         self._batches = iter(
             self._shard.iter_torch_batches(
                 batch_size=self._batch_size,
-                dtypes={column: _DTYPES[column] for column in self._plan.columns},
+                dtypes={column: _DTYPES[column] for column in self._task.columns},
                 device=self._device,
                 drop_last=True,
                 prefetch_batches=self._prefetch_batches,
@@ -153,20 +158,23 @@ class TrainBatches:
 
 
 class MixtureBatches:
-    """Micro-batches drawn from several tasks' streams by weight (StageConfig.tasks).
+    """The loop's stream: micro-batches drawn from the tasks' streams by weight.
 
     Draw n picks its task from a generator seeded by (seed, n) alone - the same on every
     rank - so all workers read the same number of batches from each task and cross each
     task's epoch boundaries together (Ray Data's streaming split starts an epoch only when
-    every worker asks for it). Resuming restores the draw count and every task's position.
+    every worker asks for it). With one task every draw picks it, so a single dataset's
+    batches are its own stream's. Resuming restores the mixture's position (its draws) and
+    every task's position.
     """
 
-    def __init__(self, streams: dict[str, TrainBatches], weights: dict[str, float], *, seed: int,
-                 batches_per_epoch: int, draws: int = 0):
+    def __init__(self, streams: dict[str, TaskBatches], weights: dict[str, float], *, seed: int,
+                 batches_per_epoch: int, position: Optional[DataPosition] = None):
         self._streams, self._seed, self._batches_per_epoch = streams, seed, batches_per_epoch
         self._names = list(streams)
         self._weights = [weights[name] for name in self._names]
-        self.draws = draws
+        position = position or DataPosition()
+        self.draws = position.epoch * batches_per_epoch + position.batches_in_epoch
 
     def __iter__(self) -> MixtureBatches:
         return self
@@ -179,7 +187,7 @@ class MixtureBatches:
 
     @property
     def position(self) -> DataPosition:
-        """The mixture's own epoch (draws // batches_per_epoch), for progress and logs."""
+        """The mixture's own epoch and draws within it (an epoch is batches_per_epoch draws)."""
         return DataPosition(epoch=self.draws // self._batches_per_epoch,
                             batches_in_epoch=self.draws % self._batches_per_epoch)
 
@@ -188,20 +196,38 @@ class MixtureBatches:
         return {name: dataclasses.replace(stream.position) for name, stream in self._streams.items()}
 
 
+def train_stream(plan: TrainPlan, shard_of: Callable[[str], Any], *, trainer: TrainerConfig, rank: int,
+                 device: torch.device, position: Optional[DataPosition] = None,
+                 task_positions: Optional[dict[str, DataPosition]] = None) -> MixtureBatches:
+    """The loop's stream: every task's TaskBatches (task i shuffled by task_seed(trainer.seed, i)) over its
+    shard (`shard_of(train_name(task))`), mixed by weight, resumed at the given positions."""
+    task_positions = task_positions or {}
+    streams = {
+        task.name: TaskBatches(
+            shard_of(train_name(task.name)), task, batch_size=trainer.micro_batch_size,
+            seed=task_seed(trainer.seed, index), rank=rank, shuffle_buffer_rows=trainer.shuffle_buffer_rows,
+            prefetch_batches=trainer.prefetch_batches, device=device, position=task_positions.get(task.name),
+        )
+        for index, task in enumerate(plan.tasks)
+    }
+    return MixtureBatches(streams, {task.name: task.weight for task in plan.tasks}, seed=trainer.seed,
+                          batches_per_epoch=plan.batches_per_epoch, position=position)
+
+
 def task_seed(seed: int, task_index: int) -> int:
-    """Each task's shuffle stream differs from the others' (and from a single-task run's for index > 0)."""
+    """Each task's shuffle stream differs from the others'; the first task's seed is the trainer's."""
     return seed + 7_777_777 * task_index
 
 
-def validation_batches(shard, plan: TrainPlan, *, batch_size: int, device: torch.device) -> Iterator[dict]:
-    """Exactly `plan.eval_batches` (B, L) batches from this worker's validation shard."""
+def validation_batches(shard, task: TaskPlan, *, batch_size: int, device: torch.device) -> Iterator[dict]:
+    """Exactly `task.eval_batches` (B, L) batches from this worker's validation shard of the task."""
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
-        dtypes={column: _DTYPES[column] for column in plan.columns},
+        dtypes={column: _DTYPES[column] for column in task.columns},
         device=device,
         drop_last=True,
     )
     for index, batch in enumerate(batches):
-        if index >= plan.eval_batches:
+        if index >= task.eval_batches:
             break
         yield batch
