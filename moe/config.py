@@ -69,12 +69,21 @@ class MoEConfig:
     """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the router
     scores for expert SELECTION only, moved by this rate times sign(mean load - load) in
     `model.update_router_bias()` after each optimizer step; 0 = off."""
+    routed_scale: Optional[float] = None
+    """Multiplies the routed experts' combined output (DeepSeek-V2/V3's routed_scaling_factor);
+    None means top_k. With renormalised top-k weights the routed output is a weighted MEAN of
+    k experts, each F wide, where a dense SwiGLU of the same active FLOPs SUMS k * F hidden
+    units: at equal weight scale the MoE's feed-forward starts k times smaller and moves k times
+    slower under Adam. Scaling by k restores the sum (benchmarks/RESULTS.md, "MoE vs dense":
+    this is what made the MoE beat dense). Exports fold it into the experts' down projection."""
 
     def __post_init__(self) -> None:
         p = "model.moe."
         for name in ("num_experts", "top_k", "expert_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{p}{name}={getattr(self, name)} must be at least 1.")
+        if self.routed_scale is not None and self.routed_scale <= 0:
+            raise ValueError(f"{p}routed_scale={self.routed_scale} must be positive (or null: top_k).")
         for name in ("num_shared_experts", "moe_every", "capacity_factor", "balance_loss_coef",
                      "z_loss_coef", "bias_update_rate", "jitter_eps"):
             if getattr(self, name) < 0:
@@ -111,6 +120,11 @@ class MoEConfig:
     def shared_hidden(self) -> int:
         """Total hidden size of the shared-expert SwiGLU (0 when there is none)."""
         return self.num_shared_experts * (self.shared_expert_hidden or self.expert_hidden)
+
+    @property
+    def routed_output_scale(self) -> float:
+        """The factor on the routed experts' combined output: routed_scale, or top_k when unset."""
+        return float(self.top_k) if self.routed_scale is None else float(self.routed_scale)
 
     @property
     def dropless(self) -> bool:

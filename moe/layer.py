@@ -39,6 +39,7 @@ class MoELayer(nn.Module):
         m = config.moe
         self.ep_size = expert_parallel_size
         self.expert_choice = m.router == "expert_choice"
+        self.routed_scale = m.routed_output_scale
         if m.backend == "native":
             self.router: Optional[Router] = Router(config)
             self.experts = NativeExperts(config, expert_parallel_size=expert_parallel_size)
@@ -65,6 +66,8 @@ class MoELayer(nn.Module):
             y_TD = self.experts(x_TD, dispatch)
         else:
             y_TD, info = self.experts(x_TD, mask_T, dropless)
+        if self.routed_scale != 1.0:
+            y_TD = y_TD * self.routed_scale
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         self.aux_losses = self._losses(info)

@@ -86,6 +86,8 @@ def upcycle_state(dense_sd: dict[str, Tensor], dense_config: ModelConfig, moe: M
         p = f"layers.{i}.ffn."
         for w in ("w1", "w2", "w3"):
             w_FD = sd.pop(f"{p}{w}.weight")  # (Fd, D), or (D, Fd) for w2
+            if w == "w2":  # the layer multiplies the routed output by this: each copy carries 1/scale
+                w_FD = w_FD / moe.routed_output_scale
             sd[f"{p}experts.{w}"] = w_FD.unsqueeze(0).expand(E, *w_FD.shape).clone()  # (E, ...)
         dtype = sd[f"{p}experts.w1"].dtype
         sd[f"{p}router.weight"] = (torch.randn(E, config.d_model, generator=gen) * config.init_std).to(dtype)
