@@ -212,7 +212,7 @@ def filtered_probs(logits_RV: Tensor, samplings: Sequence[Sampling]) -> Tensor:
     # A temperature below float32's smallest normal number would round to 0 (0 / 0 = NaN).
     temperature_R1 = logits_RV.new_tensor([s.temperature for s in samplings])[:, None].clamp(
         min=torch.finfo(torch.float32).tiny)
-    top_k_R1 = torch.tensor([s.top_k or V for s in samplings], device=logits_RV.device)[:, None]
+    top_k_R1 = torch.tensor([min(s.top_k or V, V) for s in samplings], device=logits_RV.device)[:, None]
     top_p_R1 = logits_RV.new_tensor([s.top_p for s in samplings])[:, None]
     scaled_RV = (logits_RV - logits_RV.max(-1, keepdim=True).values) / temperature_R1
     sorted_RV, order_RV = scaled_RV.sort(dim=-1, descending=True, stable=True)

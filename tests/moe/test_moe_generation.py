@@ -83,6 +83,8 @@ def test_filters_top_k_and_top_p_per_row() -> None:
     assert probs[0].tolist() == pytest.approx([0.625, 0.375, 0, 0])
     assert probs[1].tolist() == pytest.approx([0.625, 0.375, 0, 0])  # 0.5 + 0.3 already hold 0.7
     assert probs[2].tolist() == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    huge_k = filtered_probs(logits[:1], [Sampling(top_k=10**30)])  # no cut, and no integer overflow
+    assert huge_k[0].tolist() == pytest.approx([0.5, 0.3, 0.15, 0.05])
     greedy_row = sample_rows(logits[:1], [Sampling(temperature=0)], [None])
     assert greedy_row.tolist() == [0]
 

@@ -4,11 +4,12 @@
     GET  /v1/models        the served model (and a warning if it is not causal)
     GET  /healthz          liveness, no API key needed
 
-Requests are batched dynamically (batcher.py: a batch forms when the model is
-free; why not `@serve.batch` is explained there): a batch decodes one step for
-every sequence per call (in a worker thread, so the event loop keeps taking
-requests) and yields one item per request, which the handler either streams or
-collects. Entry points: `build_app(args)` for
+Requests are batched per decoding step by default (serve.scheduler=continuous:
+scheduler.py admits a request into a free slot at the next step and frees the slot
+the moment it ends), or statically (serve.scheduler=static, batcher.py: a batch
+forms when the model is free and runs to its longest request). Either way each step
+runs in a worker thread, so the event loop keeps taking requests, and every request
+gets its Deltas, which the handler either streams or collects. Entry points: `build_app(args)` for
 `serve run` / `serve deploy` / a RayService, `deploy(config)` for jobs and tests.
 """
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) on the
@@ -24,9 +25,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moe_platform.serve.batcher import FINISHED, StepBatcher
+from moe_platform.serve.batcher import FINISHED, ContinuousBatcher, StepBatcher
 from moe_platform.serve.config import ServeConfig
 from moe_platform.serve.engine import Engine, GenerationJob, next_step
 from moe_platform.serve.protocol import (
@@ -140,8 +142,12 @@ class CompletionServer:
             max_prompts=self.config.max_prompts_per_request,
             vocab_size=self.engine.vocab_size,
         )
-        self._batcher = StepBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         self._failed_batches = 0
+        if self.config.scheduler == "continuous":
+            scheduler = self.engine.scheduler(num_slots=self.config.max_batch_size)
+            self._batcher: Any = ContinuousBatcher(scheduler, on_step_error=self._count_failure)
+        else:
+            self._batcher = StepBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         log.info("serving %s from %s (auth %s)", self.model_name, export_dir, "on" if api_key else "OFF")
 
     # ---- HTTP routes ------------------------------------------------------------------------
@@ -252,6 +258,9 @@ class CompletionServer:
 
     # ---- batching ---------------------------------------------------------------------------
 
+    def _count_failure(self, failed: bool) -> None:
+        self._failed_batches = self._failed_batches + 1 if failed else 0
+
     def _generate(self, job: GenerationJob) -> AsyncIterator[Delta]:
         """The job's Deltas, decoded in whatever batch the batcher puts it in."""
         return self._batcher.submit(job)
@@ -280,6 +289,9 @@ def make_app(config: ServeConfig) -> Application:
     deployment = CompletionServer.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=config.max_ongoing_requests,
+        # Overload is not a crash: past the proxy's queue, 429 + Retry-After at once.
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
         health_check_period_s=config.health_check_period_s,
         health_check_timeout_s=config.health_check_timeout_s,
         **_replicas(config),

@@ -1,10 +1,13 @@
-"""A replica's model: load an export, tokenize, and decode a batch step by step.
+"""A replica's model: load an export, tokenize, and decode step by step.
 
-No Ray here: the Serve deployment (app.py) calls `Engine.stream_batch` from a
-worker thread, one decoding step per call, so the replica's event loop keeps
-accepting requests while the model runs.
+No Ray here. Two ways to batch, chosen by serve.scheduler:
+- "continuous" (default): `Engine.scheduler()` gives a scheduler.py Scheduler, which
+  admits requests into slots and decodes one token for every running one per step;
+- "static": `Engine.stream_batch(jobs)` decodes one fixed batch until its longest job ends
+  (kept as the benchmark's baseline). Both are stepped from a worker thread by app.py,
+  so the replica's event loop keeps accepting requests while the model runs.
 
-Batching and sampling. `moe`'s generator takes one set of sampling parameters
+Static batching and sampling. `moe`'s generator takes one set of sampling parameters
 (temperature, top_k, top_p, one RNG) per call and batches prompts of different
 lengths with left padding and padding-aware attention. A Serve batch may mix
 requests with different parameters, so it is split into groups that share them,
@@ -28,12 +31,15 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from moe_platform.serve.protocol import Prompt, SamplingParams
 from moe_platform.serve.text import Delta, TextStream
+
+if TYPE_CHECKING:
+    from moe_platform.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +130,16 @@ class Engine:
     @property
     def is_causal(self) -> bool:
         return _routing(self.model) != "expert_choice"
+
+    def scheduler(self, num_slots: int) -> "Scheduler":
+        """A continuous-batching scheduler over this model (scheduler.py; usable without Serve).
+        Expert-choice routing is not causal: one running sequence at a time keeps every output
+        independent of the other requests."""
+        from moe.generation import SlotDecoder
+        from moe_platform.serve.scheduler import Scheduler
+
+        return Scheduler(SlotDecoder(self.model, num_slots), self.decode, self.eos_token_id,
+                         max_running=num_slots if self.is_causal else 1)  # fmt: skip
 
     # ---- decoding ---------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The OpenAI-style completions protocol: request validation, responses, errors.
 
-Pure functions over bytes and dicts (no Ray, no torch), so every rule here is
-unit-tested without a server. Policy, matching the OpenAI API:
+Pure functions over bytes and dicts (no Ray, no model; bodies are read by
+moe.safe_json), so every rule here is unit-tested without a server. Policy, matching the OpenAI API:
 - A client mistake is a 4xx with {"error": {"message", "type", "param", "code"}}.
 - Unknown request fields are rejected (400, param names the field), as OpenAI
   does: a typo like "max_token" must not silently fall back to a default.
@@ -17,6 +17,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from moe import safe_json
 
 # A prompt is text or (OpenAI allows this too) a list of token ids.
 Prompt = Union[str, List[int]]
@@ -106,7 +108,7 @@ class CompletionRequest:
 
 def parse_completion_request(body: bytes, limits: RequestLimits) -> CompletionRequest:
     """Raw request body -> a validated request, or APIError(400) naming the bad field."""
-    data = _parse_json_object(body)
+    data = parse_json_object(body)
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_field")
@@ -123,10 +125,12 @@ def parse_completion_request(body: bytes, limits: RequestLimits) -> CompletionRe
     )
 
 
-def _parse_json_object(body: bytes) -> Dict[str, Any]:
+def parse_json_object(body: bytes) -> Dict[str, Any]:
+    """The one way a request body is read: moe.safe_json (bounded depth; NaN/Infinity and
+    invalid UTF-8 refused), so a hostile body is a 400, never a RecursionError."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        data = safe_json.loads(body)
+    except safe_json.JSONInputError as exc:
         raise invalid(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid("Request body must be a JSON object", code="invalid_json")
