@@ -1,6 +1,8 @@
 """The Ray Serve application: an OpenAI-style completions endpoint for a model export.
 
     POST /v1/completions   prompt(s) -> completions; "stream": true -> server-sent events
+    POST /v1/chat/completions  messages -> the assistant's reply, through the export's chat
+                           template (chat.py); streaming too; 400 if the export has none
     GET  /v1/models        the served model (and a warning if it is not causal)
     GET  /healthz          liveness, no API key needed
 
@@ -29,6 +31,14 @@ from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moe_platform.serve.batcher import FINISHED, ContinuousBatcher, StepBatcher
+from moe_platform.serve.chat import (
+    ChatRequest,
+    chat_chunk,
+    chat_response,
+    new_chat_id,
+    parse_chat_request,
+    refuse_special_tokens,
+)
 from moe_platform.serve.config import ServeConfig
 from moe_platform.serve.engine import Engine, GenerationJob, next_step
 from moe_platform.serve.protocol import (
@@ -43,6 +53,7 @@ from moe_platform.serve.protocol import (
     model_list,
     new_completion_id,
     parse_completion_request,
+    parse_json_object,
     sse_event,
     usage,
 )
@@ -180,6 +191,19 @@ class CompletionServer:
         counts = usage(prompt_tokens, sum(tokens for _, _, tokens in results))
         return completion_response(completion_id, self.model_name, choices, counts)
 
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        self._authorize(request)
+        parsed = parse_chat_request(parse_json_object(await self._read_body(request)), self._limits)
+        self._check_model(parsed.model)
+        job = self._chat_job(parsed)
+        chat_id = new_chat_id()
+        if parsed.stream:
+            events = self._chat_events(chat_id, job, parsed.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, reason, tokens = await self._complete(job)
+        return chat_response(chat_id, self.model_name, text, reason, usage(len(job.prompt_ids), tokens))
+
     # ---- Serve hooks ------------------------------------------------------------------------
 
     def check_health(self) -> None:
@@ -229,6 +253,33 @@ class CompletionServer:
                 params = type(params)(**{**asdict(params), "seed": params.seed + index})
             jobs.append(GenerationJob(tuple(ids), params))
         return jobs
+
+    def _chat_job(self, parsed: ChatRequest) -> GenerationJob:
+        template = self.engine.chat_template
+        if template is None:
+            raise APIError(400, "This model's export has no chat template (chat_template in tokenizer_config.json); "
+                           "use /v1/completions", param="messages", code="no_chat_template")  # fmt: skip
+        refuse_special_tokens(parsed.messages, list(self.engine.special_tokens))
+        ids = self.engine.encode_chat(template.render(parsed.messages))
+        check_context(len(ids), parsed.params.max_tokens, self.engine.context_length, 0)
+        return GenerationJob(tuple(ids), parsed.params)
+
+    async def _chat_events(self, chat_id: str, job: GenerationJob, include_usage: bool) -> AsyncIterator[str]:
+        completion_tokens = 0
+        yield sse_event(chat_chunk(chat_id, self.model_name, {"role": "assistant", "content": ""}))
+        try:
+            async for delta in self._generate(job):
+                completion_tokens = delta.completion_tokens or completion_tokens
+                if delta.text or delta.finish_reason:
+                    content = {"content": delta.text} if delta.text else {}
+                    yield sse_event(chat_chunk(chat_id, self.model_name, content, delta.finish_reason))
+        except Exception:  # headers are sent: report in-band, then end the stream properly
+            log.exception("generation failed mid-stream")
+            yield sse_event(error_body("generation failed; see the replica log", type="server_error"))
+        if include_usage:
+            counts = usage(len(job.prompt_ids), completion_tokens)
+            yield sse_event(chat_chunk(chat_id, self.model_name, None, usage_counts=counts))
+        yield DONE_EVENT
 
     async def _complete(self, job: GenerationJob) -> Tuple[str, Optional[str], int]:
         parts: List[str] = []

@@ -30,11 +30,13 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from moe_platform.serve.chat import ChatTemplate, ChatTemplateError, load_chat_template
 from moe_platform.serve.protocol import Prompt, SamplingParams
 from moe_platform.serve.text import Delta, TextStream
 
@@ -70,9 +72,10 @@ class _Group:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, chat_template: Optional["ChatTemplate"] = None) -> None:
         self.model = model  # moe.MoETransformer
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        self.chat_template = chat_template  # None: the export has none (chat requests get a 400)
         # As in training (moe_platform.data.tokenizer): special-token strings in text are text.
         # A prompt cannot end a document or inject control tokens by typing "<|endoftext|>".
         self.tokenizer.encode_special_tokens = True
@@ -97,7 +100,11 @@ class Engine:
 
             model = quantize_int8(model)
         tokenizer = Tokenizer.from_file(os.path.join(export_dir, "tokenizer.json"))
-        return cls(model.eval(), tokenizer)
+        try:
+            chat_template = load_chat_template(export_dir)
+        except ChatTemplateError as exc:
+            raise ExportError(f"serve.export_dir={export_dir!r}: {exc}") from None
+        return cls(model.eval(), tokenizer, chat_template)
 
     # ---- text <-> ids ---------------------------------------------------------------------
 
@@ -108,6 +115,27 @@ class Engine:
             return list(prompt)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return ids or [self.eos_token_id]
+
+    def encode_chat(self, rendered: str) -> List[int]:
+        """A rendered chat template -> ids: its special-token strings become those tokens (the
+        template's turn markers), everything else is text. chat.refuse_special_tokens keeps
+        clients from typing them inside messages."""
+        specials = self.special_tokens
+        if not specials:
+            return self.encode(rendered)
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")"
+        ids: List[int] = []
+        for part in re.split(pattern, rendered):
+            if part in specials:
+                ids.append(specials[part])
+            elif part:
+                ids.extend(self.tokenizer.encode(part, add_special_tokens=False).ids)
+        return ids or [self.eos_token_id]
+
+    @property
+    def special_tokens(self) -> Dict[str, int]:
+        """Special-token strings of the tokenizer -> their ids."""
+        return {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
