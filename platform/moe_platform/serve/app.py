@@ -167,8 +167,9 @@ class CompletionServer:
     async def healthz(self) -> Dict[str, Any]:
         # Open without a key (load balancers, probes): it reveals nothing beyond the model name.
         stats = self._batcher.stats
-        return {"status": "ok", "model": self.model_name, "batches": stats.batches, "largest_batch": stats.largest,
-                "requests": stats.jobs}  # fmt: skip
+        return {"status": "ok", "model": self.model_name, "scheduler": self.config.scheduler,
+                "batches": stats.batches, "largest_batch": stats.largest, "requests": stats.jobs,
+                "running": self._batcher.running, "queued": self._batcher.queued}  # fmt: skip
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Dict[str, Any]:

@@ -68,10 +68,15 @@ class StepBatcher(Generic[Job, Item]):
         self.stats = BatchStats()
         self._queue: Optional[asyncio.Queue] = None
         self._worker: Optional[asyncio.Task] = None
+        self._running = 0  # jobs in the batch being decoded
 
     @property
     def queued(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def running(self) -> int:
+        return self._running
 
     async def submit(self, job: Job) -> AsyncIterator[Item]:
         pending: _Pending[Job] = _Pending(job)
@@ -93,7 +98,9 @@ class StepBatcher(Generic[Job, Item]):
         while True:
             batch = await self._next_batch()
             self.stats.record(len(batch))
+            self._running = len(batch)
             await self._run(batch)
+            self._running = 0
 
     async def _next_batch(self) -> List[_Pending[Job]]:
         assert self._queue is not None
@@ -150,6 +157,10 @@ class ContinuousBatcher:
     @property
     def queued(self) -> int:
         return self.scheduler.num_waiting + sum(1 for op, _, _ in self._changes if op == "submit")
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.num_running
 
     async def submit(self, job: Any) -> AsyncIterator[Any]:
         key = next(self._keys)
