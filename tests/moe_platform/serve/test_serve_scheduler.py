@@ -85,3 +85,13 @@ def test_expert_choice_models_run_one_sequence_at_a_time(tmp_path):
     assert scheduler.max_running == 1
     jobs = [job(engine, p, temperature=0.0, max_tokens=4) for p in PROMPTS[:3]]
     assert scheduler.run(jobs) == [engine.scheduler(num_slots=1).run([j])[0] for j in jobs]
+
+
+def test_the_scheduler_key_is_validated_by_name():
+    from moe_platform.serve.config import ServeConfig
+
+    assert ServeConfig(scheduler="static").scheduler == "static"
+    with pytest.raises(ValueError, match="serve.scheduler='paged' must be one of continuous, static"):
+        ServeConfig(scheduler="paged")
+    with pytest.raises(ValueError, match="serve.max_queued_requests=0 must be >= 1"):
+        ServeConfig(max_queued_requests=0)
