@@ -101,12 +101,11 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(config.d_model, config.ffn_hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
-                kv=None, token_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None, kv=None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv)
         h = self.ffn_norm(x)
         # Generation routes dropless: a capacity would make a sequence depend on its batch.
-        h = self.ffn(h, token_mask, dropless=kv is not None) if isinstance(self.ffn, MoELayer) else self.ffn(h)
+        h = self.ffn(h, dropless=kv is not None) if isinstance(self.ffn, MoELayer) else self.ffn(h)
         return x + h
 
 
