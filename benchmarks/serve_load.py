@@ -4,8 +4,9 @@
     python benchmarks/serve_load.py --rates 1,2,4,8 --duration 30 --export-dir outputs/pretrain/export
 
 Deploys the completions app once per mode on a local Ray (or RAY_ADDRESS), one replica each
-with the same resources and max_batch_size: serve.scheduler=continuous and =static. Each
-mode gets the same open-loop load at every offered rate: Poisson arrivals (exponential gaps,
+with the same resources and max_batch_size: serve.scheduler=continuous and =static. At every
+offered rate the two modes take turns (so they meet the same background load) under the same
+open-loop load: Poisson arrivals (exponential gaps,
 a fixed seed, so both modes see the very same request sequence) of streamed greedy
 completions with mixed prompt lengths and max_tokens. An open loop keeps sending whether
 or not the server keeps up, which is what exposes queueing (a closed loop slows down with
@@ -198,16 +199,19 @@ def main() -> int:
               f"{args.num_cpus} CPU per replica, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
               flush=True)  # fmt: skip
         print(HEADER, flush=True)
-        for mode in MODES:
-            app, url = deploy_mode(mode, export_dir, port, args)
-            try:
-                client = CompletionsClient(url, api_key="bench", timeout_s=300)
+        apps = {mode: deploy_mode(mode, export_dir, port, args) for mode in MODES}
+        try:
+            clients = {mode: CompletionsClient(url, api_key="bench", timeout_s=300) for mode, (_, url) in apps.items()}
+            for mode, client in clients.items():
                 run_rate(client, mode, 1.0, arrivals(1.0, 3.0, args, vocab), 3.0)  # warm-up, not recorded
-                for rate in rates:
-                    results.append(run_rate(client, mode, rate, arrivals(rate, args.duration, args, vocab),
-                                            args.duration))  # fmt: skip
+            # Modes alternate at every rate, so both meet the same background load on a shared machine.
+            for rate in rates:
+                for mode, client in clients.items():
+                    requests = arrivals(rate, args.duration, args, vocab)
+                    results.append(run_rate(client, mode, rate, requests, args.duration))
                     print(results[-1].row(), flush=True)
-            finally:
+        finally:
+            for app, _ in apps.values():
                 serve.delete(app)
     print(summary(results), flush=True)
     return 0

@@ -28,6 +28,7 @@ Hd head dim, V vocab.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from dataclasses import dataclass
@@ -84,13 +85,16 @@ class _PrefillRows:
 class _DecodeRows:
     """One new token per running slot, written at that slot's own position; attend over [0, width)."""
 
-    def __init__(self, k_SHLd: Tensor, v_SHLd: Tensor, rows_A: Tensor, pos_A: Tensor, width: int) -> None:
+    def __init__(self, k_SHLd: Tensor, v_SHLd: Tensor, rows_A: Tensor, pos_A: Tensor, width: int,
+                 row_range: Optional[slice]) -> None:
         self.k, self.v, self.rows, self.pos, self.width = k_SHLd, v_SHLd, rows_A, pos_A, width
+        # Consecutive slots in order are read as a view; any other set is gathered (a copy).
+        self.read_rows = row_range if row_range is not None else rows_A
 
     def update(self, k_AH1d: Tensor, v_AH1d: Tensor) -> tuple[Tensor, Tensor]:
         self.k[self.rows, :, self.pos] = k_AH1d[:, :, 0]  # (A, H, Hd) at (slot, :, position)
         self.v[self.rows, :, self.pos] = v_AH1d[:, :, 0]
-        return self.k[self.rows, :, :self.width], self.v[self.rows, :, :self.width]  # (A, H, width, Hd)
+        return self.k[self.read_rows, :, :self.width], self.v[self.read_rows, :, :self.width]  # (A, H, width, Hd)
 
 
 class SlotDecoder:
@@ -113,7 +117,9 @@ class SlotDecoder:
         self.device = weight.device
         self.cache = KVCache(model.config, num_slots, self.length, weight.dtype, weight.device)
         self._shared_generator = generator
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        # A heap: the lowest free slot goes first, so busy slots stay packed at the front and a
+        # full pool decodes consecutive rows, read as a view rather than gathered.
+        self._free = list(range(num_slots))
         self._filled = [0] * num_slots  # positions of the slot's cache in use
         self._next = [0] * num_slots  # the last sampled token, the next decode step's input
         self._sampling: list[Optional[Sampling]] = [None] * num_slots
@@ -140,14 +146,14 @@ class SlotDecoder:
         if not 1 <= T <= self.length:
             raise ValueError(f"a prompt of {T} tokens does not fit a slot of {self.length} positions.")
         sampling.validate()
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         try:
             idx_1T = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
             positions_1T = torch.arange(T, device=self.device)[None]
             layers = [_PrefillRows(k, v, slot) for k, v in zip(self.cache.k, self.cache.v)]
             logits_1V = self.model.forward_cached(idx_1T, positions_1T, layers, mask=None)
         except BaseException:
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
             raise
         self._filled[slot] = T
         self._sampling[slot] = sampling
@@ -159,7 +165,8 @@ class SlotDecoder:
 
     @torch.no_grad()
     def decode(self, slots: Sequence[int]) -> list[int]:
-        """One decoding step for the given running slots (any subset, any order): the next token each."""
+        """One decoding step for the given running slots (any subset, any order; ascending
+        consecutive slots are cheapest): the next token each."""
         if not slots:
             return []
         full = [s for s in slots if self._filled[s] >= self.length]
@@ -170,7 +177,9 @@ class SlotDecoder:
         width = int(pos_A.max()) + 1
         mask_A11W = (torch.arange(width, device=self.device)[None] <= pos_A[:, None])[:, None, None]
         idx_A1 = torch.tensor([[self._next[s]] for s in slots], dtype=torch.long, device=self.device)
-        layers = [_DecodeRows(k, v, rows_A, pos_A, width) for k, v in zip(self.cache.k, self.cache.v)]
+        consecutive = list(slots) == list(range(slots[0], slots[0] + len(slots)))
+        row_range = slice(slots[0], slots[0] + len(slots)) if consecutive else None
+        layers = [_DecodeRows(k, v, rows_A, pos_A, width, row_range) for k, v in zip(self.cache.k, self.cache.v)]
         logits_AV = self.model.forward_cached(idx_A1, pos_A[:, None], layers, mask=mask_A11W)
         tokens = sample_rows(logits_AV, [self._sampling[s] for s in slots], [self._generator[s] for s in slots])
         out = tokens.tolist()
@@ -185,7 +194,7 @@ class SlotDecoder:
             raise ValueError(f"slot {slot} is not in use.")
         self._sampling[slot] = self._generator[slot] = None
         self._filled[slot] = 0
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
 
 def sample_rows(logits_AV: Tensor, samplings: Sequence[Sampling],

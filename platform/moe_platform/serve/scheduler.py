@@ -79,7 +79,7 @@ class Scheduler:
 
     def step(self) -> List[Event]:
         """Admit waiting requests into free slots, then one decoding step for the others."""
-        ongoing = list(self._running.values())
+        ongoing = sorted(self._running.values(), key=lambda s: s.slot)  # consecutive slots decode cheapest
         events = self._admit()
         if ongoing:
             events += self._decode(ongoing)
