@@ -62,7 +62,13 @@ class RateResult:
     mode: str
     rate: float
     duration_s: float
+    offered_tokens: int  # the sum of the requests' max_tokens
     outcomes: List[Outcome] = field(default_factory=list)
+
+    @property
+    def sustained(self) -> bool:
+        """Kept up: every request answered, and (nearly) all the asked-for tokens generated in time."""
+        return self.non_2xx == 0 and self.tokens_per_s >= 0.9 * self.offered_tokens / self.duration_s
 
     def ok(self) -> List[Outcome]:
         return [o for o in self.outcomes if o.status == 200]
@@ -149,7 +155,7 @@ def send(client: CompletionsClient, request: Request) -> Outcome:
 
 
 def run_rate(client: CompletionsClient, mode: str, rate: float, requests: List[Request], seconds: float) -> RateResult:
-    result = RateResult(mode, rate, seconds)
+    result = RateResult(mode, rate, seconds, sum(r.max_tokens for r in requests))
     lock = threading.Lock()
 
     def fire(request: Request) -> None:
@@ -220,12 +226,12 @@ def main() -> int:
 def summary(results: List[RateResult]) -> str:
     """The two target ratios: p99 TTFT at the highest rate static sustains, and best tokens/s with p99 TTFT < 2 s."""
     by = {(r.mode, r.rate): r for r in results}
-    static_ok = [r for r in results if r.mode == "static" and r.non_2xx == 0 and r.pct("ttft_s", 0.99) < 2.0]
+    static_ok = [r for r in results if r.mode == "static" and r.sustained]
     lines = [f"load average now {os.getloadavg()[0]:.1f}"]
     if static_ok:
         rate = max(r.rate for r in static_ok)
         s, c = by[("static", rate)], by[("continuous", rate)]
-        lines.append(f"at {rate:g} req/s (static's highest with p99 TTFT < 2 s): p99 TTFT static "
+        lines.append(f"at {rate:g} req/s (the highest rate static sustains): p99 TTFT static "
                      f"{s.pct('ttft_s', 0.99):.2f} s vs continuous {c.pct('ttft_s', 0.99):.2f} s -> "
                      f"{s.pct('ttft_s', 0.99) / c.pct('ttft_s', 0.99):.1f}x lower (target >= 3x)")  # fmt: skip
     best = {mode: max((r.tokens_per_s for r in results if r.mode == mode and r.pct("ttft_s", 0.99) < 2.0),
