@@ -7,9 +7,8 @@ No Ray here. Two ways to batch, chosen by serve.scheduler:
   (kept as the benchmark's baseline). Both are stepped from a worker thread by app.py,
   so the replica's event loop keeps accepting requests while the model runs.
 
-Static batching and sampling. `moe`'s generator takes one set of sampling parameters
-(temperature, top_k, top_p, one RNG) per call and batches prompts of different
-lengths with left padding and padding-aware attention. A Serve batch may mix
+Static batching and sampling. `moe`'s generate_stream takes one set of sampling
+parameters (temperature, top_k, top_p, one RNG) per call. A Serve batch may mix
 requests with different parameters, so it is split into groups that share them,
 each group one generator, all groups stepped in lock step:
 - every greedy request (temperature 0) lands in one group: the common case
@@ -17,13 +16,13 @@ each group one generator, all groups stepped in lock step:
 - a request with a `seed` gets its own group and RNG: its output depends only
   on its prompt, parameters and seed, never on what it was batched with;
 - unseeded sampled requests share a group per (temperature, top_p, top_k);
-- a group's prompts are left-padded to one length, so a group also has to fit the
-  context as a whole (longest prompt + largest max_tokens); jobs that do not fit
-  together go to separate groups.
+- one generate_stream call checks its longest prompt + largest max_tokens against
+  the context, so jobs that do not fit that way together go to separate groups.
 Expert-choice routing is not causal: moe routes each decoding step among the
 tokens present, so a sequence's output would depend on its batch neighbours.
 For such a model every request is decoded in its own group (outputs equal the
-request served alone; no batching speed-up) and /v1/models says so.
+request served alone; no batching speed-up) and /v1/models says so. (Continuous
+batching gives the same guarantees: see scheduler.py.)
 """
 from __future__ import annotations
 
