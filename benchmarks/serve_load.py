@@ -61,14 +61,15 @@ class Outcome:
 class RateResult:
     mode: str
     rate: float
-    duration_s: float
+    window_s: float  # arrivals happen in [0, window_s)
     offered_tokens: int  # the sum of the requests' max_tokens
+    duration_s: float = 0.0  # until the last answer (at least window_s)
     outcomes: List[Outcome] = field(default_factory=list)
 
     @property
     def sustained(self) -> bool:
         """Kept up: every request answered, and (nearly) all the asked-for tokens generated in time."""
-        return self.non_2xx == 0 and self.tokens_per_s >= 0.9 * self.offered_tokens / self.duration_s
+        return self.non_2xx == 0 and self.tokens_per_s >= 0.9 * self.offered_tokens / self.window_s
 
     def ok(self) -> List[Outcome]:
         return [o for o in self.outcomes if o.status == 200]
@@ -155,7 +156,7 @@ def send(client: CompletionsClient, request: Request) -> Outcome:
 
 
 def run_rate(client: CompletionsClient, mode: str, rate: float, requests: List[Request], seconds: float) -> RateResult:
-    result = RateResult(mode, rate, seconds, sum(r.max_tokens for r in requests))
+    result = RateResult(mode, rate, seconds, sum(r.max_tokens for r in requests), seconds)
     lock = threading.Lock()
 
     def fire(request: Request) -> None:
