@@ -200,6 +200,7 @@ class ContinuousBatcher:
                 events = await asyncio.to_thread(_step, self.scheduler)
             except Exception as exc:  # a bug, not a request's failure: fail what is in flight, keep serving
                 events = [(key, exc) for key in list(self._outputs)]
+                self._changes = []  # submissions not applied yet are failed here too
                 for key in list(self._outputs):
                     self.scheduler.cancel(key)
             self._on_step(any(isinstance(item, Exception) for _, item in events))

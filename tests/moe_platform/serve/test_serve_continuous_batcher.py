@@ -53,3 +53,28 @@ def test_a_consumer_that_goes_away_frees_its_slot_for_the_next_request(engine):
     assert asyncio.run(main()) == engine.scheduler(num_slots=1).run([job(engine, "Ray", max_tokens=3)])[0][0]
     assert batcher.stats.batches < 50  # the waiting request did not wait for the long one to end
     assert batcher.running == 0 and batcher.queued == 0
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_batcher_keeps_serving(engine):
+    from moe_platform.serve.scheduler import Scheduler
+
+    class FailsOnce(Scheduler):  # fault injection: the first step raises, as a bug would
+        failed = False
+
+        def step(self):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("injected step failure")
+            return super().step()
+
+    plain = engine.scheduler(num_slots=2)
+    failures = []
+    batcher = ContinuousBatcher(FailsOnce(plain.decoder, engine.decode, engine.eos_token_id), failures.append)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="injected step failure"):
+            await collect(batcher, job(engine, "hello"))
+        return await collect(batcher, job(engine, "hello"))
+
+    assert asyncio.run(main()) == engine.scheduler(num_slots=1).run([job(engine, "hello")])[0][0]
+    assert failures[0] is True and failures[-1] is False  # what the health check counts
