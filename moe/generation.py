@@ -55,7 +55,7 @@ class Sampling:
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy).")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be at least 1 (0 = off).")
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off).")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
 

@@ -23,11 +23,11 @@ from moe import safe_json
 from moe_platform.serve.protocol import (
     RequestLimits,
     SamplingParams,
-    _include_usage,
-    _optional_bool,
-    _optional_str,
-    _sampling_params,
+    include_usage,
     invalid,
+    optional_bool,
+    optional_str,
+    sampling_params,
 )
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -140,13 +140,13 @@ def parse_chat_request(data: Dict[str, Any], limits: RequestLimits) -> ChatReque
         if data.get("max_tokens") is not None:
             raise invalid("Send max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
         data = {**data, "max_tokens": data["max_completion_tokens"]}
-    stream = _optional_bool(data, "stream", False)
+    stream = optional_bool(data, "stream", False)
     return ChatRequest(
-        model=_optional_str(data, "model"),
+        model=optional_str(data, "model"),
         messages=_messages(data.get("messages")),
-        params=_sampling_params(data, limits),
+        params=sampling_params(data, limits),
         stream=stream,
-        include_usage=_include_usage(data, stream),
+        include_usage=include_usage(data, stream),
     )
 
 

@@ -115,13 +115,13 @@ def parse_completion_request(body: bytes, limits: RequestLimits) -> CompletionRe
     for name, is_no_op in _NO_OP_FIELDS.items():
         if data.get(name) is not None and not is_no_op(data[name]):
             raise invalid(f"{name}={data[name]!r} is not supported by this server", param=name, code="unsupported")
-    stream = _optional_bool(data, "stream", False)
+    stream = optional_bool(data, "stream", False)
     return CompletionRequest(
-        model=_optional_str(data, "model"),
+        model=optional_str(data, "model"),
         prompts=_prompts(data, limits),
-        params=_sampling_params(data, limits),
+        params=sampling_params(data, limits),
         stream=stream,
-        include_usage=_include_usage(data, stream),
+        include_usage=include_usage(data, stream),
     )
 
 
@@ -165,7 +165,7 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(t) is int for t in value)
 
 
-def _sampling_params(data: Dict[str, Any], limits: RequestLimits) -> SamplingParams:
+def sampling_params(data: Dict[str, Any], limits: RequestLimits) -> SamplingParams:
     max_tokens = _optional_int(data, "max_tokens", limits.default_max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens_limit:
         raise invalid(f"max_tokens must be in [1, {limits.max_tokens_limit}], got {max_tokens}", param="max_tokens")
@@ -196,7 +196,7 @@ def _stop(data: Dict[str, Any]) -> Tuple[str, ...]:
     return tuple(stops)
 
 
-def _include_usage(data: Dict[str, Any], stream: bool) -> bool:
+def include_usage(data: Dict[str, Any], stream: bool) -> bool:
     options = data.get("stream_options")
     if options is None:
         return False
@@ -204,7 +204,7 @@ def _include_usage(data: Dict[str, Any], stream: bool) -> bool:
         raise invalid("stream_options is only allowed when stream is true", param="stream_options")
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise invalid("stream_options must be an object with only 'include_usage'", param="stream_options")
-    return _optional_bool(options, "include_usage", False, param="stream_options.include_usage")
+    return optional_bool(options, "include_usage", False, param="stream_options.include_usage")
 
 
 def _optional_int(data: Dict[str, Any], name: str, default: int) -> int:
@@ -225,7 +225,7 @@ def _optional_number(data: Dict[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
-def _optional_bool(data: Dict[str, Any], name: str, default: bool, param: Optional[str] = None) -> bool:
+def optional_bool(data: Dict[str, Any], name: str, default: bool, param: Optional[str] = None) -> bool:
     value = data.get(name)
     if value is None:
         return default
@@ -234,7 +234,7 @@ def _optional_bool(data: Dict[str, Any], name: str, default: bool, param: Option
     return value
 
 
-def _optional_str(data: Dict[str, Any], name: str) -> Optional[str]:
+def optional_str(data: Dict[str, Any], name: str) -> Optional[str]:
     value = data.get(name)
     if value is not None and not isinstance(value, str):
         raise invalid(f"{name} must be a string, got {_json_type(value)}", param=name, code="invalid_type")
