@@ -57,7 +57,7 @@ class MoELayer(nn.Module):
         return self.router.weight if self.router is not None else self.experts.gate_weight
 
     def forward(self, x_BTD: Tensor, token_mask_BT: Optional[Tensor] = None, dropless: bool = False) -> Tensor:
-        """token_mask_BT marks real tokens (generation's left padding is False); only
+        """token_mask_BT marks real tokens (padding is False); only
         expert_choice routing uses it. dropless=True ignores the capacity (generation)."""
         x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
         mask_T = None if token_mask_BT is None else token_mask_BT.reshape(-1)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .experts import SwiGLU
+from .generation import Sampling, SlotDecoder
 from .layer import MoELayer
 from .state import canonical_state_dict, initial_canonical_state, load_canonical_state_dict
 
@@ -55,7 +56,8 @@ def apply_rope(x_BHTd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer, (B, H, L, Hd), preallocated for prompt + new tokens."""
+    """Keys and values of every layer, (B, H, L, Hd), preallocated once: B sequence slots of L
+    positions each (moe/generation.py hands the slots out and writes them)."""
 
     def __init__(self, config: ModelConfig, batch: int, length: int, dtype: torch.dtype, device) -> None:
         shape = (batch, config.n_heads, length, config.head_dim)
@@ -74,17 +76,16 @@ class Attention(nn.Module):
         self.wo = nn.Linear(d, d, bias=False)
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
-                kv: Optional[tuple[Tensor, Tensor]] = None, start: int = 0) -> Tensor:
+                kv=None) -> Tensor:
         """mask None: plain causal attention. Otherwise a (B, 1, T, L) bool mask (True = attend)
-        over the cache `kv`, into which this call's keys/values are written at [start, start + T)."""
+        over what the cache returns. `kv` (moe/generation.py) stores this call's keys/values:
+        `kv.update(k, v)` -> the keys/values to attend over, (B, H, L, Hd)."""
         B, T, D = x_BTD.shape
         q, k, v = (w(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
                    for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            kv[0][:, :, start:start + T] = k
-            kv[1][:, :, start:start + T] = v
-            k, v = kv[0][:, :, :mask.shape[-1]], kv[1][:, :, :mask.shape[-1]]
+            k, v = kv.update(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, D))
 
@@ -100,13 +101,11 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(config.d_model, config.ffn_hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
-                kv: Optional[tuple[Tensor, Tensor]] = None, start: int = 0,
-                token_mask: Optional[Tensor] = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv, start)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None, kv=None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, kv)
         h = self.ffn_norm(x)
         # Generation routes dropless: a capacity would make a sequence depend on its batch.
-        h = self.ffn(h, token_mask, dropless=kv is not None) if isinstance(self.ffn, MoELayer) else self.ffn(h)
+        h = self.ffn(h, dropless=kv is not None) if isinstance(self.ffn, MoELayer) else self.ffn(h)
         return x + h
 
 
@@ -219,7 +218,17 @@ class MoETransformer(nn.Module):
         """Load canonical tensors; each rank takes its slice of the experts."""
         load_canonical_state_dict(self, sd)
 
-    # -- generation --------------------------------------------------------------------------
+    # -- generation ------------------------------------------------------------------------
+
+    def forward_cached(self, idx_BT: Tensor, positions_BT: Tensor, layer_caches: list,
+                       mask: Optional[Tensor] = None) -> Tensor:
+        """New tokens through the model with a KV cache (one `update`-able view per layer, from
+        moe/generation.py); positions_BT are their RoPE positions. Logits of the last column (B, V)."""
+        cos, sin = self.rope_cos[positions_BT][:, None], self.rope_sin[positions_BT][:, None]  # (B, 1, T, Hd)
+        x = self.tok_emb(idx_BT)
+        for block, kv in zip(self.layers, layer_caches):
+            x = block(x, cos, sin, mask, kv)
+        return self.lm_head(self.norm(x[:, -1]))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64, *, temperature: float = 1.0,
@@ -240,54 +249,30 @@ class MoETransformer(nn.Module):
                         top_k: Optional[int] = None, top_p: Optional[float] = None,
                         eos_token_id: Optional[int] = None,
                         generator: Optional[torch.Generator] = None) -> Iterator[dict[int, int]]:
-        """Yields, per decoding step, {prompt index: new token} for every sequence still running."""
+        """Yields, per decoding step, {prompt index: new token} for every sequence still running.
+        Built on moe.generation.SlotDecoder: one slot per prompt; `generator` (if given) is shared
+        by the rows in prompt order, otherwise each row draws its own."""
         self._check_generate_args(prompts, max_new_tokens, temperature, top_k, top_p)
         self._warn_if_expert_choice()
         was_training = self.training
         self.eval()
         try:
-            yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+            yield from self._decode(prompts, max_new_tokens, Sampling(temperature, top_k or 0, top_p or 1.0),
+                                    eos_token_id, generator)
         finally:
             self.train(was_training)
 
-    def _decode(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator):
-        device, B = self.tok_emb.weight.device, len(prompts)
-        P = max(len(p) for p in prompts)
-        # Left-pad so every sequence's last prompt token sits in the same column.
-        idx = torch.zeros(B, P, dtype=torch.long, device=device)
-        key_valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            idx[b, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-            key_valid[b, P - len(p):P] = True
-        valid = key_valid[:, :P]
-        positions = (valid.cumsum(1) - 1).clamp(min=0)  # each sequence's RoPE positions start at 0
-        cache = KVCache(self.config, B, P + max_new_tokens, self.tok_emb.weight.dtype, device)
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        # A padding query attends to itself only, so its row is never all-masked (NaN).
-        mask = (valid[:, None, :] & causal) | torch.eye(P, dtype=torch.bool, device=device)
-        logits = self._step(idx, positions, mask[:, None], cache, 0, valid)
-        next_pos = valid.sum(1, keepdim=True)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
+    def _decode(self, prompts, max_new_tokens, sampling, eos_token_id, generator):
+        decoder = SlotDecoder(self, len(prompts), cache_length=max(len(p) for p in prompts) + max_new_tokens,
+                              generator=generator)
+        slots, tokens = zip(*(decoder.prefill(p, sampling) for p in prompts))
+        running = list(range(len(prompts)))
         for step in range(max_new_tokens):
-            token = _sample(logits, temperature, top_k, top_p, generator)
-            yield {b: int(token[b]) for b in range(B) if not finished[b]}
-            if eos_token_id is not None:
-                finished |= token == eos_token_id
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            yield {b: tokens[b] for b in running}
+            running = [b for b in running if tokens[b] != eos_token_id]
+            if not running or step == max_new_tokens - 1:
                 return
-            key_valid[:, P + step] = True
-            mask = key_valid[:, None, None, :P + step + 1]
-            logits = self._step(token[:, None], next_pos, mask, cache, P + step, ~finished[:, None])
-            next_pos = next_pos + 1
-
-    def _step(self, idx: Tensor, positions: Tensor, mask: Tensor, cache: KVCache, start: int,
-              token_mask: Tensor) -> Tensor:
-        """Run new tokens through the model with the cache; logits of the last column (B, V)."""
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, Hd)
-        x = self.tok_emb(idx)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, (cache.k[i], cache.v[i]), start, token_mask)
-        return self.lm_head(self.norm(x[:, -1]))
+            tokens = dict(zip(running, decoder.decode([slots[b] for b in running])))
 
     def _check_generate_args(self, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -301,8 +286,8 @@ class MoETransformer(nn.Module):
         bad = [t for p in prompts for t in p if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size}).")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must not be negative (0 = greedy).")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature={temperature} must be a finite number, not negative (0 = greedy).")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} must be at least 1.")
         if top_p is not None and not 0 < top_p <= 1:
@@ -312,22 +297,6 @@ class MoETransformer(nn.Module):
         if self.config.moe.router == "expert_choice" and not self._warned_expert_choice:
             self._warned_expert_choice = True
             warnings.warn("model.moe.router=expert_choice is not causal: generation routes each step among the "
-                          "tokens present (the prompts, then one token per running sequence), so outputs depend "
+                          "tokens present (each prompt alone, then one token per running sequence), so outputs depend "
                           "on the batch and differ from a teacher-forced forward.", stacklevel=3)
 
-
-def _sample(logits_BV: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-            generator: Optional[torch.Generator]) -> Tensor:
-    if temperature == 0:
-        return logits_BV.argmax(-1)
-    logits = logits_BV.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass.
-        drop = probs.cumsum(-1) - probs > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)

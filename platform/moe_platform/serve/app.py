@@ -1,14 +1,17 @@
 """The Ray Serve application: an OpenAI-style completions endpoint for a model export.
 
     POST /v1/completions   prompt(s) -> completions; "stream": true -> server-sent events
+    POST /v1/chat/completions  messages -> the assistant's reply, through the export's chat
+                           template (chat.py); streaming too; 400 if the export has none
     GET  /v1/models        the served model (and a warning if it is not causal)
     GET  /healthz          liveness, no API key needed
 
-Requests are batched dynamically (batcher.py: a batch forms when the model is
-free; why not `@serve.batch` is explained there): a batch decodes one step for
-every sequence per call (in a worker thread, so the event loop keeps taking
-requests) and yields one item per request, which the handler either streams or
-collects. Entry points: `build_app(args)` for
+Requests are batched per decoding step by default (serve.scheduler=continuous:
+scheduler.py admits a request into a free slot at the next step and frees the slot
+the moment it ends), or statically (serve.scheduler=static, batcher.py: a batch
+forms when the model is free and runs to its longest request). Either way each step
+runs in a worker thread, so the event loop keeps taking requests, and every request
+gets its Deltas, which the handler either streams or collects. Entry points: `build_app(args)` for
 `serve run` / `serve deploy` / a RayService, `deploy(config)` for jobs and tests.
 """
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) on the
@@ -24,9 +27,18 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moe_platform.serve.batcher import FINISHED, StepBatcher
+from moe_platform.serve.batcher import FINISHED, ContinuousBatcher, StepBatcher
+from moe_platform.serve.chat import (
+    ChatRequest,
+    chat_chunk,
+    chat_response,
+    new_chat_id,
+    parse_chat_request,
+    refuse_special_tokens,
+)
 from moe_platform.serve.config import ServeConfig
 from moe_platform.serve.engine import Engine, GenerationJob, next_step
 from moe_platform.serve.protocol import (
@@ -41,6 +53,7 @@ from moe_platform.serve.protocol import (
     model_list,
     new_completion_id,
     parse_completion_request,
+    parse_json_object,
     sse_event,
     usage,
 )
@@ -140,8 +153,12 @@ class CompletionServer:
             max_prompts=self.config.max_prompts_per_request,
             vocab_size=self.engine.vocab_size,
         )
-        self._batcher = StepBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         self._failed_batches = 0
+        if self.config.scheduler == "continuous":
+            scheduler = self.engine.scheduler(num_slots=self.config.max_batch_size)
+            self._batcher: Any = ContinuousBatcher(scheduler, on_step_error=self._count_failure)
+        else:
+            self._batcher = StepBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         log.info("serving %s from %s (auth %s)", self.model_name, export_dir, "on" if api_key else "OFF")
 
     # ---- HTTP routes ------------------------------------------------------------------------
@@ -150,8 +167,9 @@ class CompletionServer:
     async def healthz(self) -> Dict[str, Any]:
         # Open without a key (load balancers, probes): it reveals nothing beyond the model name.
         stats = self._batcher.stats
-        return {"status": "ok", "model": self.model_name, "batches": stats.batches, "largest_batch": stats.largest,
-                "requests": stats.jobs}  # fmt: skip
+        return {"status": "ok", "model": self.model_name, "scheduler": self.config.scheduler,
+                "batches": stats.batches, "largest_batch": stats.largest, "requests": stats.jobs,
+                "running": self._batcher.running, "queued": self._batcher.queued}  # fmt: skip
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Dict[str, Any]:
@@ -173,6 +191,19 @@ class CompletionServer:
         choices = [Choice(i, text, reason) for i, (text, reason, _) in enumerate(results)]
         counts = usage(prompt_tokens, sum(tokens for _, _, tokens in results))
         return completion_response(completion_id, self.model_name, choices, counts)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        self._authorize(request)
+        parsed = parse_chat_request(parse_json_object(await self._read_body(request)), self._limits)
+        self._check_model(parsed.model)
+        job = self._chat_job(parsed)
+        chat_id = new_chat_id()
+        if parsed.stream:
+            events = self._chat_events(chat_id, job, parsed.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, reason, tokens = await self._complete(job)
+        return chat_response(chat_id, self.model_name, text, reason, usage(len(job.prompt_ids), tokens))
 
     # ---- Serve hooks ------------------------------------------------------------------------
 
@@ -224,6 +255,33 @@ class CompletionServer:
             jobs.append(GenerationJob(tuple(ids), params))
         return jobs
 
+    def _chat_job(self, parsed: ChatRequest) -> GenerationJob:
+        template = self.engine.chat_template
+        if template is None:
+            raise APIError(400, "This model's export has no chat template (chat_template in tokenizer_config.json); "
+                           "use /v1/completions", param="messages", code="no_chat_template")  # fmt: skip
+        refuse_special_tokens(parsed.messages, list(self.engine.special_tokens))
+        ids = self.engine.encode_chat(template.render(parsed.messages))
+        check_context(len(ids), parsed.params.max_tokens, self.engine.context_length, 0)
+        return GenerationJob(tuple(ids), parsed.params)
+
+    async def _chat_events(self, chat_id: str, job: GenerationJob, include_usage: bool) -> AsyncIterator[str]:
+        completion_tokens = 0
+        yield sse_event(chat_chunk(chat_id, self.model_name, {"role": "assistant", "content": ""}))
+        try:
+            async for delta in self._generate(job):
+                completion_tokens = delta.completion_tokens or completion_tokens
+                if delta.text or delta.finish_reason:
+                    content = {"content": delta.text} if delta.text else {}
+                    yield sse_event(chat_chunk(chat_id, self.model_name, content, delta.finish_reason))
+        except Exception:  # headers are sent: report in-band, then end the stream properly
+            log.exception("generation failed mid-stream")
+            yield sse_event(error_body("generation failed; see the replica log", type="server_error"))
+        if include_usage:
+            counts = usage(len(job.prompt_ids), completion_tokens)
+            yield sse_event(chat_chunk(chat_id, self.model_name, None, usage_counts=counts))
+        yield DONE_EVENT
+
     async def _complete(self, job: GenerationJob) -> Tuple[str, Optional[str], int]:
         parts: List[str] = []
         last = Delta("")
@@ -251,6 +309,9 @@ class CompletionServer:
         yield DONE_EVENT
 
     # ---- batching ---------------------------------------------------------------------------
+
+    def _count_failure(self, failed: bool) -> None:
+        self._failed_batches = self._failed_batches + 1 if failed else 0
 
     def _generate(self, job: GenerationJob) -> AsyncIterator[Delta]:
         """The job's Deltas, decoded in whatever batch the batcher puts it in."""
@@ -280,6 +341,9 @@ def make_app(config: ServeConfig) -> Application:
     deployment = CompletionServer.options(
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=config.max_ongoing_requests,
+        # Overload is not a crash: past the proxy's queue, 429 + Retry-After at once.
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
         health_check_period_s=config.health_check_period_s,
         health_check_timeout_s=config.health_check_timeout_s,
         **_replicas(config),

@@ -1,4 +1,4 @@
-"""A minimal stdlib client for the completions endpoint (tests, benchmarks, scripts).
+"""A minimal stdlib client for the completions and chat completions endpoints (tests, benchmarks, scripts).
 
 Any OpenAI-compatible client works too (base_url=<app url>/v1); this one needs
 nothing beyond the standard library and shows exactly what goes over the wire.
@@ -32,6 +32,10 @@ class CompletionsClient:
         """POST /v1/completions with the given fields as the JSON body."""
         return self.request("POST", "/v1/completions", request)
 
+    def chat(self, **request: Any) -> Reply:
+        """POST /v1/chat/completions with the given fields (messages=[...], ...) as the JSON body."""
+        return self.request("POST", "/v1/chat/completions", request)
+
     def models(self) -> Reply:
         return self.request("GET", "/v1/models")
 
@@ -54,10 +58,17 @@ class CompletionsClient:
     def stream(self, **request: Any) -> Iterator[Union[Dict[str, Any], str]]:
         """POST a streaming completion; yield each event's JSON, then the string "[DONE]".
         Raises RuntimeError with the error body if the server answers with an error status."""
+        return self._stream("/v1/completions", request)
+
+    def stream_chat(self, **request: Any) -> Iterator[Union[Dict[str, Any], str]]:
+        """As `stream`, for /v1/chat/completions."""
+        return self._stream("/v1/chat/completions", request)
+
+    def _stream(self, path: str, request: Dict[str, Any]) -> Iterator[Union[Dict[str, Any], str]]:
         conn = self._connect()
         try:
             body = _encode({**request, "stream": True})
-            conn.request("POST", self.prefix + "/v1/completions", body=body, headers=self._headers(None))
+            conn.request("POST", self.prefix + path, body=body, headers=self._headers(None))
             response = conn.getresponse()
             if response.status != 200:
                 raise RuntimeError(f"HTTP {response.status}: {response.read().decode(errors='replace')}")

@@ -46,6 +46,7 @@ class AutoscalingConfig:
 
 
 QUANTIZE_MODES = ("none", "int8")
+SCHEDULERS = ("continuous", "static")
 
 
 @dataclass
@@ -67,12 +68,20 @@ class ServeConfig:
     # environment variable of the process that builds the app; neither: no auth (a warning).
     # Ray's own token auth does not cover the Serve HTTP proxy, so this is the only guard.
     api_key: Optional[str] = None
-    # Dynamic batching (batcher.py): when the model is free, a batch takes up to max_batch_size
-    # queued requests, waiting up to batch_wait_timeout_s for more only if fewer are queued.
+    # "continuous": per-step batching (scheduler.py): max_batch_size sequence slots, each with its
+    # own preallocated KV cache (max_batch_size x model.seq_len positions per layer); a request
+    # joins at the next step and leaves when it ends. "static" (the benchmark's baseline): when
+    # the model is free, a batch takes up to max_batch_size queued requests (waiting up to
+    # batch_wait_timeout_s for more only if fewer are queued) and runs until its longest ends.
+    scheduler: str = "continuous"
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.02
     # Requests a replica accepts at once; below max_batch_size batches can never fill.
     max_ongoing_requests: int = 64
+    # Requests each Serve proxy holds while every replica is at max_ongoing_requests; beyond
+    # that, overload is answered at once with 429 and Retry-After: retry_after_s (never a hang).
+    max_queued_requests: int = 128
+    retry_after_s: int = 1
     # Request limits: max_tokens default and ceiling, prompts per request, body size.
     default_max_tokens: int = 16
     max_tokens_limit: int = 512
@@ -103,6 +112,10 @@ class ServeConfig:
         _require(self.max_batch_size >= 1, f"serve.max_batch_size={self.max_batch_size} must be >= 1")
         _require(self.batch_wait_timeout_s >= 0, f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0")
         _require(self.max_ongoing_requests >= 1, f"serve.max_ongoing_requests={self.max_ongoing_requests} must be >= 1")
+        _require(self.scheduler in SCHEDULERS,
+                 f"serve.scheduler={self.scheduler!r} must be one of {', '.join(SCHEDULERS)}")
+        _require(self.max_queued_requests >= 1, f"serve.max_queued_requests={self.max_queued_requests} must be >= 1")
+        _require(self.retry_after_s >= 1, f"serve.retry_after_s={self.retry_after_s} must be >= 1")
         _require(self.max_tokens_limit >= 1, f"serve.max_tokens_limit={self.max_tokens_limit} must be >= 1")
         _require(
             1 <= self.default_max_tokens <= self.max_tokens_limit,

@@ -1,12 +1,14 @@
-"""A replica's model: load an export, tokenize, and decode a batch step by step.
+"""A replica's model: load an export, tokenize, and decode step by step.
 
-No Ray here: the Serve deployment (app.py) calls `Engine.stream_batch` from a
-worker thread, one decoding step per call, so the replica's event loop keeps
-accepting requests while the model runs.
+No Ray here. Two ways to batch, chosen by serve.scheduler:
+- "continuous" (default): `Engine.scheduler()` gives a scheduler.py Scheduler, which
+  admits requests into slots and decodes one token for every running one per step;
+- "static": `Engine.stream_batch(jobs)` decodes one fixed batch until its longest job ends
+  (kept as the benchmark's baseline). Both are stepped from a worker thread by app.py,
+  so the replica's event loop keeps accepting requests while the model runs.
 
-Batching and sampling. `moe`'s generator takes one set of sampling parameters
-(temperature, top_k, top_p, one RNG) per call and batches prompts of different
-lengths with left padding and padding-aware attention. A Serve batch may mix
+Static batching and sampling. `moe`'s generate_stream takes one set of sampling
+parameters (temperature, top_k, top_p, one RNG) per call. A Serve batch may mix
 requests with different parameters, so it is split into groups that share them,
 each group one generator, all groups stepped in lock step:
 - every greedy request (temperature 0) lands in one group: the common case
@@ -14,26 +16,31 @@ each group one generator, all groups stepped in lock step:
 - a request with a `seed` gets its own group and RNG: its output depends only
   on its prompt, parameters and seed, never on what it was batched with;
 - unseeded sampled requests share a group per (temperature, top_p, top_k);
-- a group's prompts are left-padded to one length, so a group also has to fit the
-  context as a whole (longest prompt + largest max_tokens); jobs that do not fit
-  together go to separate groups.
+- one generate_stream call checks its longest prompt + largest max_tokens against
+  the context, so jobs that do not fit that way together go to separate groups.
 Expert-choice routing is not causal: moe routes each decoding step among the
 tokens present, so a sequence's output would depend on its batch neighbours.
 For such a model every request is decoded in its own group (outputs equal the
-request served alone; no batching speed-up) and /v1/models says so.
+request served alone; no batching speed-up) and /v1/models says so. (Continuous
+batching gives the same guarantees: see scheduler.py.)
 """
 from __future__ import annotations
 
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from moe_platform.serve.chat import ChatTemplate, ChatTemplateError, load_chat_template
 from moe_platform.serve.protocol import Prompt, SamplingParams
 from moe_platform.serve.text import Delta, TextStream
+
+if TYPE_CHECKING:
+    from moe_platform.serve.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +71,10 @@ class _Group:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, chat_template: Optional["ChatTemplate"] = None) -> None:
         self.model = model  # moe.MoETransformer
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
+        self.chat_template = chat_template  # None: the export has none (chat requests get a 400)
         # As in training (moe_platform.data.tokenizer): special-token strings in text are text.
         # A prompt cannot end a document or inject control tokens by typing "<|endoftext|>".
         self.tokenizer.encode_special_tokens = True
@@ -91,7 +99,11 @@ class Engine:
 
             model = quantize_int8(model)
         tokenizer = Tokenizer.from_file(os.path.join(export_dir, "tokenizer.json"))
-        return cls(model.eval(), tokenizer)
+        try:
+            chat_template = load_chat_template(export_dir)
+        except ChatTemplateError as exc:
+            raise ExportError(f"serve.export_dir={export_dir!r}: {exc}") from None
+        return cls(model.eval(), tokenizer, chat_template)
 
     # ---- text <-> ids ---------------------------------------------------------------------
 
@@ -102,6 +114,27 @@ class Engine:
             return list(prompt)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return ids or [self.eos_token_id]
+
+    def encode_chat(self, rendered: str) -> List[int]:
+        """A rendered chat template -> ids: its special-token strings become those tokens (the
+        template's turn markers), everything else is text. chat.refuse_special_tokens keeps
+        clients from typing them inside messages."""
+        specials = self.special_tokens
+        if not specials:
+            return self.encode(rendered)
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")"
+        ids: List[int] = []
+        for part in re.split(pattern, rendered):
+            if part in specials:
+                ids.append(specials[part])
+            elif part:
+                ids.extend(self.tokenizer.encode(part, add_special_tokens=False).ids)
+        return ids or [self.eos_token_id]
+
+    @property
+    def special_tokens(self) -> Dict[str, int]:
+        """Special-token strings of the tokenizer -> their ids."""
+        return {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -124,6 +157,16 @@ class Engine:
     @property
     def is_causal(self) -> bool:
         return _routing(self.model) != "expert_choice"
+
+    def scheduler(self, num_slots: int) -> "Scheduler":
+        """A continuous-batching scheduler over this model (scheduler.py; usable without Serve).
+        Expert-choice routing is not causal: one running sequence at a time keeps every output
+        independent of the other requests."""
+        from moe.generation import SlotDecoder
+        from moe_platform.serve.scheduler import Scheduler
+
+        return Scheduler(SlotDecoder(self.model, num_slots), self.decode, self.eos_token_id,
+                         max_running=num_slots if self.is_causal else 1)  # fmt: skip
 
     # ---- decoding ---------------------------------------------------------------------------
 

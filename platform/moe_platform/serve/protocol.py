@@ -1,7 +1,7 @@
 """The OpenAI-style completions protocol: request validation, responses, errors.
 
-Pure functions over bytes and dicts (no Ray, no torch), so every rule here is
-unit-tested without a server. Policy, matching the OpenAI API:
+Pure functions over bytes and dicts (no Ray, no model; bodies are read by
+moe.safe_json), so every rule here is unit-tested without a server. Policy, matching the OpenAI API:
 - A client mistake is a 4xx with {"error": {"message", "type", "param", "code"}}.
 - Unknown request fields are rejected (400, param names the field), as OpenAI
   does: a typo like "max_token" must not silently fall back to a default.
@@ -17,6 +17,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from moe import safe_json
 
 # A prompt is text or (OpenAI allows this too) a list of token ids.
 Prompt = Union[str, List[int]]
@@ -106,27 +108,29 @@ class CompletionRequest:
 
 def parse_completion_request(body: bytes, limits: RequestLimits) -> CompletionRequest:
     """Raw request body -> a validated request, or APIError(400) naming the bad field."""
-    data = _parse_json_object(body)
+    data = parse_json_object(body)
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_field")
     for name, is_no_op in _NO_OP_FIELDS.items():
         if data.get(name) is not None and not is_no_op(data[name]):
             raise invalid(f"{name}={data[name]!r} is not supported by this server", param=name, code="unsupported")
-    stream = _optional_bool(data, "stream", False)
+    stream = optional_bool(data, "stream", False)
     return CompletionRequest(
-        model=_optional_str(data, "model"),
+        model=optional_str(data, "model"),
         prompts=_prompts(data, limits),
-        params=_sampling_params(data, limits),
+        params=sampling_params(data, limits),
         stream=stream,
-        include_usage=_include_usage(data, stream),
+        include_usage=include_usage(data, stream),
     )
 
 
-def _parse_json_object(body: bytes) -> Dict[str, Any]:
+def parse_json_object(body: bytes) -> Dict[str, Any]:
+    """The one way a request body is read: moe.safe_json (bounded depth; NaN/Infinity and
+    invalid UTF-8 refused), so a hostile body is a 400, never a RecursionError."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        data = safe_json.loads(body)
+    except safe_json.JSONInputError as exc:
         raise invalid(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid("Request body must be a JSON object", code="invalid_json")
@@ -161,7 +165,7 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(t) is int for t in value)
 
 
-def _sampling_params(data: Dict[str, Any], limits: RequestLimits) -> SamplingParams:
+def sampling_params(data: Dict[str, Any], limits: RequestLimits) -> SamplingParams:
     max_tokens = _optional_int(data, "max_tokens", limits.default_max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens_limit:
         raise invalid(f"max_tokens must be in [1, {limits.max_tokens_limit}], got {max_tokens}", param="max_tokens")
@@ -192,7 +196,7 @@ def _stop(data: Dict[str, Any]) -> Tuple[str, ...]:
     return tuple(stops)
 
 
-def _include_usage(data: Dict[str, Any], stream: bool) -> bool:
+def include_usage(data: Dict[str, Any], stream: bool) -> bool:
     options = data.get("stream_options")
     if options is None:
         return False
@@ -200,7 +204,7 @@ def _include_usage(data: Dict[str, Any], stream: bool) -> bool:
         raise invalid("stream_options is only allowed when stream is true", param="stream_options")
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise invalid("stream_options must be an object with only 'include_usage'", param="stream_options")
-    return _optional_bool(options, "include_usage", False, param="stream_options.include_usage")
+    return optional_bool(options, "include_usage", False, param="stream_options.include_usage")
 
 
 def _optional_int(data: Dict[str, Any], name: str, default: int) -> int:
@@ -221,7 +225,7 @@ def _optional_number(data: Dict[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
-def _optional_bool(data: Dict[str, Any], name: str, default: bool, param: Optional[str] = None) -> bool:
+def optional_bool(data: Dict[str, Any], name: str, default: bool, param: Optional[str] = None) -> bool:
     value = data.get(name)
     if value is None:
         return default
@@ -230,7 +234,7 @@ def _optional_bool(data: Dict[str, Any], name: str, default: bool, param: Option
     return value
 
 
-def _optional_str(data: Dict[str, Any], name: str) -> Optional[str]:
+def optional_str(data: Dict[str, Any], name: str) -> Optional[str]:
     value = data.get(name)
     if value is not None and not isinstance(value, str):
         raise invalid(f"{name} must be a string, got {_json_type(value)}", param=name, code="invalid_type")
