@@ -67,8 +67,10 @@ def test_experts_are_copies_router_is_seeded_and_bias_starts_at_zero(dense_expor
     dense_sd = load_file(str(src / "model.safetensors"))
     moe = moe_config(bias_update_rate=0.01)
     sd, config = upcycle_state(dense_sd, dense_config(), moe, seed=7)
-    for e in range(4):
-        assert torch.equal(sd["layers.1.ffn.experts.w2"][e], dense_sd["layers.1.ffn.w2.weight"])
+    for e in range(4):  # copies; w2 carries 1/routed_scale, which the layer multiplies back
+        assert torch.equal(sd["layers.1.ffn.experts.w1"][e], dense_sd["layers.1.ffn.w1.weight"])
+        assert torch.equal(sd["layers.1.ffn.experts.w2"][e],
+                           dense_sd["layers.1.ffn.w2.weight"] / moe.routed_output_scale)
     assert "layers.1.ffn.w1.weight" not in sd
     assert torch.equal(sd["layers.0.ffn.router.balance_bias"], torch.zeros(4))
     router = sd["layers.0.ffn.router.weight"]
