@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import statistics
 import sys
@@ -113,10 +114,11 @@ def summarise(results: list[dict], names: list[str]) -> str:
                     diffs.append(diff)
                     time_diffs.append(time_diff)
                 routing = r["routing"]
+                max_mean = " ".join(f"{block['max_mean']:.2f}" for block in routing)
+                min_share = min((block["min_share_x_uniform"] for block in routing), default=float("nan"))
+                dead = sum(block["dead"] for block in routing)
                 lines.append(f"{name:<16}{r['seed']:>5}{r['loss']:>9.4f}{diff:>+9.2f}%{time_diff:>+14.2f}%"
-                             f"{' '.join(f'{x['max_mean']:.2f}' for x in routing):>28}"
-                             f"{min((x['min_share_x_uniform'] for x in routing), default=float('nan')):>14.2f}"
-                             f"{sum(x['dead'] for x in routing):>6}")
+                             f"{max_mean:>28}{min_share:>14.2f}{dead:>6}")
             if len(diffs) > 1:
                 lines.append(f"{name:<16} mean paired difference {statistics.mean(diffs):+.2f}% "
                              f"(sd {statistics.stdev(diffs):.2f}, worst {max(diffs):+.2f}%); at dense's "
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("--common", nargs="*", default=[], help="overrides applied to every run")
     args = parser.parse_args()
     args.dataset_dir, args.out = os.path.abspath(args.dataset_dir), os.path.abspath(args.out)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.makedirs(args.out, exist_ok=True)
 
     from jobs.common import compose_config, init_ray

@@ -25,9 +25,13 @@ ROUTERS = ("token_choice", "expert_choice")
 class MoEConfig:
     """The mixture-of-experts feed-forward layers (``model.moe.*``)."""
 
-    num_experts: int = 8
+    # The defaults are the recipe benchmarks/moe_vs_dense.py chose (benchmarks/RESULTS.md, "MoE vs
+    # dense"): fine-grained experts (16 of width 128, 4 per token: the active FLOPs and the total
+    # parameters of 8 experts of width 256 with top-2), their output summed (routed_scale = top_k)
+    # and a balance loss of 0.05.
+    num_experts: int = 16
     """E: routed experts per MoE layer."""
-    top_k: int = 2
+    top_k: int = 4
     """K: experts per token (token_choice), or the K in the expert_choice capacity."""
     backend: str = "native"
     """'native' (sorted dropless dispatch + grouped GEMM) or 'deepspeed' (deepspeed.moe.layer.MoE).
@@ -41,7 +45,7 @@ class MoEConfig:
     included, so teacher-forced training sees a little of the future. generate() routes each
     step among the tokens present (the prompts at prefill, one token per sequence when
     decoding) and warns that outputs depend on the batch. Native backend only."""
-    expert_hidden: int = 256
+    expert_hidden: int = 128
     """F: hidden size of each routed SwiGLU expert (independent of d_model: fine-grained experts)."""
     num_shared_experts: int = 0
     """DeepSeekMoE shared experts that every token passes through (one SwiGLU of
@@ -61,8 +65,9 @@ class MoEConfig:
     uses the raw softmax probability, as Switch does, so the router still gets a gradient."""
     jitter_eps: float = 0.0
     """Multiply the router input by U(1 - eps, 1 + eps) in training (Switch); 0 = off."""
-    balance_loss_coef: float = 0.01
-    """Weight of the Switch/GShard load-balancing loss E * sum_i f_i * P_i (mean over MoE layers)."""
+    balance_loss_coef: float = 0.05
+    """Weight of the Switch/GShard load-balancing loss E * sum_i f_i * P_i (mean over MoE layers, so
+    0.05 over 4 layers weighs like 0.0125 per layer in the sum-over-layers convention of Switch/OLMoE)."""
     z_loss_coef: float = 0.001
     """Weight of the ST-MoE router z-loss mean(logsumexp(logits)^2) (mean over MoE layers)."""
     bias_update_rate: float = 0.0
