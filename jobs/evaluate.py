@@ -17,6 +17,7 @@ import sys
 
 from jobs.common import init_ray, job
 from jobs.config import RootConfig
+from moe.export import check_export
 from moe_platform.data import DataError
 from moe_platform.train import EvaluationReport, evaluate_export
 
@@ -24,9 +25,10 @@ from moe_platform.train import EvaluationReport, evaluate_export
 def run_evaluation(config: RootConfig) -> EvaluationReport:
     settings = config.evaluate
     export_dir = os.path.abspath(settings.export_dir)
-    if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
-        print(f"config error: evaluate.export_dir={export_dir} is not an export (no model.safetensors)",
-              file=sys.stderr)
+    try:
+        check_export(export_dir, "evaluate.export_dir")
+    except ValueError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
         sys.exit(2)
     init_ray()
     try:

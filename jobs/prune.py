@@ -14,6 +14,7 @@ import sys
 
 from jobs.common import init_ray, job
 from jobs.config import RootConfig
+from moe.export import check_export
 from moe_platform.data import DataError
 
 
@@ -22,10 +23,8 @@ def run_prune(config: RootConfig):
 
     settings = config.prune
     export_dir = os.path.abspath(settings.export_dir)
-    if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
-        print(f"config error: prune.export_dir={export_dir} is not an export (no model.safetensors)", file=sys.stderr)
-        sys.exit(2)
     try:
+        check_export(export_dir, "prune.export_dir", need_tokenizer=False)
         settings.check_choice()
     except ValueError as exc:
         print(f"config error: {exc}", file=sys.stderr)

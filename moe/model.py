@@ -55,37 +55,48 @@ def apply_rope(x_BHTd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer, (B, H, L, Hd), preallocated for prompt + new tokens."""
+    """Keys and values of every layer, (B, KV, L, Hd), preallocated for prompt + new tokens
+    (KV = n_kv_heads: grouped-query attention caches only the shared key/value heads)."""
 
     def __init__(self, config: ModelConfig, batch: int, length: int, dtype: torch.dtype, device) -> None:
-        shape = (batch, config.n_heads, length, config.head_dim)
+        shape = (batch, config.kv_heads, length, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE. Grouped-query when n_kv_heads < n_heads (query head h
+    reads key/value head h // (H / KV)); optional q/k/v bias (Qwen2) and per-head q/k RMSNorm
+    before RoPE (Qwen3)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        d = config.d_model
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.wq = nn.Linear(d, d, bias=False)
-        self.wk = nn.Linear(d, d, bias=False)
-        self.wv = nn.Linear(d, d, bias=False)
+        d, kv = config.d_model, config.kv_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(d, d, bias=config.qkv_bias)
+        self.wk = nn.Linear(d, kv, bias=config.qkv_bias)
+        self.wv = nn.Linear(d, kv, bias=config.qkv_bias)
         self.wo = nn.Linear(d, d, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
                 kv: Optional[tuple[Tensor, Tensor]] = None, start: int = 0) -> Tensor:
         """mask None: plain causal attention. Otherwise a (B, 1, T, L) bool mask (True = attend)
         over the cache `kv`, into which this call's keys/values are written at [start, start + T)."""
         B, T, D = x_BTD.shape
-        q, k, v = (w(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
-                   for w in (self.wq, self.wk, self.wv))
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k, v = (w(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, Hd)
+                for w in (self.wk, self.wv))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             kv[0][:, :, start:start + T] = k
             kv[1][:, :, start:start + T] = v
             k, v = kv[0][:, :, :mask.shape[-1]], kv[1][:, :, :mask.shape[-1]]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, D))
 
 

@@ -30,7 +30,7 @@ from moe_platform.data import storage
 from moe_platform.train.checkpointing import CheckpointError
 from moe_platform.train.config import StageConfig, TrainConfigError
 from moe_platform.train.data import build_datasets, data_config
-from moe_platform.train.export import export_checkpoint
+from moe_platform.train.checkpoint_export import export_checkpoint
 from moe_platform.train.loop import TENSORBOARD_DIR, train_loop_per_worker
 from moe_platform.train.plan import TrainPlan, check_model_fits_data, load_manifest, make_plan, validate_stage
 from moe_platform.train.progress import ProgressCallback
