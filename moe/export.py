@@ -217,8 +217,9 @@ def write_export(sd: dict[str, torch.Tensor], config: ModelConfig, out_dir: Path
         raise ValueError(f"the state dict does not match the config at {wrong[:3]}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in export_files(out):  # a previous export here (other shard count) must not mix in
-        (out / stale).unlink()
+    for stale in export_files(out):  # a previous export's weights here (other shard count) must not mix in
+        if stale.endswith((".safetensors", ".index.json")):
+            (out / stale).unlink()
     layout, blocker = choose_layout(config)
     tokens = SpecialTokens(None, None)
     if tokenizer_file is not None:

@@ -1,12 +1,14 @@
 """A decoder-only Mixture-of-Experts transformer, in the spirit of nanoGPT's model.py.
 
-token embedding -> n_layers x [RMSNorm -> causal attention (RoPE, SDPA) -> residual,
+token embedding -> n_layers x [RMSNorm -> causal attention (RoPE, SDPA; grouped-query when
+n_kv_heads < n_heads, optional q/k/v bias and per-head q/k norm) -> residual,
 RMSNorm -> feed-forward -> residual] -> RMSNorm -> lm_head. The feed-forward of every
 `moe_every`-th block is an MoELayer (moe/layer.py), the others a dense SwiGLU.
 Embeddings are tied by default (`tie_embeddings`): the output projection reuses the
 token embedding, which saves vocab_size * d_model parameters at small scale.
 
-Shapes: B batch, T sequence, D model dim, H heads, Hd head dim, V vocab, L cache length.
+Shapes: B batch, T sequence, D model dim, H heads, KV key/value heads, Hd head dim, V vocab,
+L cache length.
 
 Everything about ranks stays in moe/parallel.py; the model only knows its
 expert_parallel_size (each rank builds E / ep experts per MoE layer).

@@ -150,3 +150,16 @@ def test_canonical_state_is_ep_independent(dist_run: Path) -> None:
     assert sd["layers.0.ffn.experts.w1"].shape == (4, 24, 32)
     assert dataclasses.asdict(load_export(dist_run / "export_native").config) == dataclasses.asdict(
         tiny_config("native"))
+
+
+@pytest.mark.parametrize("backend", ["native", "deepspeed"])
+def test_an_ep2_export_equals_the_ep1_reload_export(dist_run: Path, backend: str, tmp_path: Path) -> None:
+    """Expert parallelism is invisible in the export: re-exporting the EP=2 export from one
+    process writes the same config.json and the same tensors, name for name."""
+    from safetensors.torch import load_file
+
+    ep2 = dist_run / f"export_{backend}"
+    ep1 = save_export(load_export(ep2), tmp_path / "ep1")
+    assert json.loads((ep1 / "config.json").read_text()) == json.loads((ep2 / "config.json").read_text())
+    theirs, ours = load_file(str(ep2 / "model.safetensors")), load_file(str(ep1 / "model.safetensors"))
+    assert sorted(theirs) == sorted(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
