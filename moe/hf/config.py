@@ -231,7 +231,7 @@ def _feed_forward(r: _Reader, model_type: str) -> dict[str, Any]:
         return {"ffn_hidden": f, "moe": MoEConfig(num_experts=r.get("num_local_experts", int), top_k=k,
                                                   expert_hidden=f, moe_every=1, renormalize=True)}
     if model_type in ("qwen2_moe", "qwen3_moe"):
-        norm = r.get("norm_topk_prob", bool, model_type == "qwen3_moe")
+        norm = r.get("norm_topk_prob", bool, False)  # transformers' default for both
         k = _top_k(r, "num_experts_per_tok", renormalized=norm)
         shared = r.get("shared_expert_intermediate_size", int, 0) if model_type == "qwen2_moe" else 0
         experts = r.get("num_experts", int, None) or r.get("num_local_experts", int)

@@ -87,8 +87,7 @@ def test_experts_are_copies_router_is_seeded_and_bias_starts_at_zero(dense_expor
 def test_num_params_grow_by_the_new_experts_and_routers(dense_export, tmp_path, moe_every, moe_layers) -> None:
     _, src = dense_export
     out = upcycle_export(src, tmp_path / "up", moe_config(moe_every=moe_every), seed=0)
-    config = ModelConfig.from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items()
-                                    if k != "format_version"})
+    config = ModelConfig.from_dict(json.loads((out / "config.json").read_text())["moe_platform"]["model"])
     D, E = 32, 4
     grown = moe_layers * ((E - 1) * 3 * D * FD + E * D)
     assert config.num_params == dense_config().num_params + grown
