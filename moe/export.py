@@ -78,9 +78,8 @@ def check_export(directory: PathLike, key: str, *, need_tokenizer: bool = True) 
     try:
         if not d.is_dir():
             raise ExportError(f"{d} is not a directory")
-        config = load_export_config(d)
-        if not has_weights(d):
-            _weights_of(d, config)  # names pickled-only weights, or the missing file
+        config, layout = _read_config(d)
+        read_weights(d, _file_shapes(config, layout))  # headers only: missing files, pickles, shapes
         if need_tokenizer and not (d / TOKENIZER_FILE).is_file():
             raise ExportError(f"{d} has no {TOKENIZER_FILE}")
         return config
@@ -260,17 +259,23 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 # -- reading -----------------------------------------------------------------------------------
 
+def _file_shapes(config: ModelConfig, layout: Optional[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape that the files must hold (layout None: format 1, canonical names)."""
+    expected = canonical_shapes(config)
+    if layout is None:
+        return expected
+    meta = {k: torch.empty(s, device="meta") for k, s in expected.items()}  # shapes only, no memory
+    return {k: tuple(t.shape) for k, t in to_hf(meta, config, layout).items()}
+
+
 def _weights_of(export_dir: Path, config: ModelConfig, layout: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The canonical state dict of an export, every tensor's presence and shape checked first."""
     expected = canonical_shapes(config)
-    if layout is None:  # format 1: canonical names as they are
-        get, keys = read_weights(export_dir, expected)
+    get, keys = read_weights(export_dir, _file_shapes(config, layout))
+    if layout is None:
         unused = keys - set(expected)
         sd = {k: get(k) for k in expected}
     else:
-        meta = {k: torch.empty(s, device="meta") for k, s in expected.items()}
-        theirs = {k: tuple(t.shape) for k, t in to_hf(meta, config, layout).items()}
-        get, keys = read_weights(export_dir, theirs)
         sd, unused = from_hf(get, keys, config, layout, expected)
     for key in sorted(unused):
         if not (key.endswith("rotary_emb.inv_freq") or is_empty(get(key))):

@@ -109,3 +109,13 @@ def test_special_tokens_come_from_the_directory(export) -> None:
     (export / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     with pytest.raises(ExportError, match="eos_token '<|im_end|>' is not in tokenizer.json"):
         special_tokens(export)
+
+
+def test_check_export_reads_headers_so_a_wrong_shape_fails_before_any_work(export) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(export / "model.safetensors"))
+    tensors["model.norm.weight"] = torch.ones(31)
+    save_file(tensors, str(export / "model.safetensors"))
+    with pytest.raises(ExportError, match=r"init.export_dir=.*tensor model.norm.weight has shape \[31\]"):
+        check_export(export, "init.export_dir", need_tokenizer=False)
