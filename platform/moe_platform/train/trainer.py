@@ -15,7 +15,7 @@ Run directory (`run.output_dir`, a stable layout other jobs rely on):
                        its config matches (except OPERATIONAL_KEYS), else fails naming the difference
     tensorboard/       rank 0's event files
     checkpoints/       Ray Train's run directory: step_00000100/ ... (see checkpointing.py)
-    export/            model.safetensors + config.json + tokenizer.json of the last checkpoint
+    export/            the last checkpoint's model/, a Hugging Face model directory (moe/export.py)
 """
 from __future__ import annotations
 
