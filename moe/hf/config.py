@@ -8,8 +8,8 @@ Which architecture expresses one of our models (first match):
     qk_norm                                        qwen3_moe
     otherwise                                      mixtral
 A model that no architecture computes exactly (expert_choice routing, for one) is still written
-in its nearest architecture's tensor layout, under model_type "moe_platform", so transformers
-refuses it instead of computing something else; `blocker` says which setting is the reason.
+in its nearest architecture's tensor layout, under model_type "moe_platform" (architectures
+"MoePlatformForCausalLM"), so transformers and vLLM refuse it instead of computing something else; `blocker` says which setting is the reason.
 
 Our own settings travel in config.json under NAMESPACE: {"format_version", "layout", "model":
 dataclasses.asdict(ModelConfig)}, so load_export rebuilds exactly the model that trained.
@@ -87,7 +87,9 @@ def to_hf_config(config: ModelConfig, layout: str, blocker: Optional[str], token
     """The config.json of an export (token_ids: bos/eos/pad -> id or None)."""
     m = config.moe
     d: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[layout]], "model_type": layout if blocker is None else UNLOADABLE_MODEL_TYPE,
+        # Unloadable: no architecture name either, so no engine (transformers, vLLM) picks a class.
+        "architectures": [ARCHITECTURES[layout] if blocker is None else "MoePlatformForCausalLM"],
+        "model_type": layout if blocker is None else UNLOADABLE_MODEL_TYPE,
         "vocab_size": config.vocab_size, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
         "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": config.seq_len,

@@ -94,7 +94,8 @@ def test_expert_choice_exports_in_a_layout_transformers_refuses_and_we_reload(tm
     model = random_model(config)
     save_export(model, tmp_path)
     assert export_blocker(config) == "model.moe.router=expert_choice"
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "moe_platform"
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["model_type"], written["architectures"]) == ("moe_platform", ["MoePlatformForCausalLM"])
     with pytest.raises((ValueError, KeyError)):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     idx = torch.randint(0, 96, (1, 8))
