@@ -25,7 +25,6 @@ request served alone; no batching speed-up) and /v1/models says so.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -79,7 +78,7 @@ class Engine:
         """safetensors + config.json + tokenizer.json; nothing is unpickled. quantize="int8":
         dynamic int8 linear layers and experts (CPU)."""
         from moe import load_export
-        from moe.export import special_tokens
+        from moe.export import export_tokenizer, special_tokens
         from tokenizers import Tokenizer
 
         check_export(export_dir)
@@ -90,7 +89,7 @@ class Engine:
             from moe.quantize import quantize_int8
 
             model = quantize_int8(model)
-        tokenizer = Tokenizer.from_file(os.path.join(export_dir, "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(export_tokenizer(export_dir)))
         return cls(model.eval(), tokenizer, special_tokens(export_dir))
 
     # ---- text <-> ids ---------------------------------------------------------------------
