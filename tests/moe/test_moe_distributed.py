@@ -98,8 +98,21 @@ def _worker(out_dir: str) -> None:
     for backend in ("native", "deepspeed"):
         for ep, stage in ((1, 1), (2, 1), (2, 2)):
             results[f"{backend}_ep{ep}_zero{stage}"] = train(backend, ep, stage, out)
+    reload_at_ep2(out)
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps(results))
+
+
+def reload_at_ep2(out: Path) -> None:
+    """A Hugging Face (Mixtral-layout) directory loads split over 2 expert-parallel ranks, as an
+    imported checkpoint starts a stage at any EP size that divides its experts."""
+    import torch.distributed as dist
+
+    model = load_export(out / "export_native", expert_parallel_size=2)
+    with torch.no_grad():
+        logits, _ = model(global_batches(model.config)[0, :, :-1])
+    if dist.get_rank() == 0:
+        torch.save(logits, out / "logits_reloaded_ep2.pt")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +163,11 @@ def test_canonical_state_is_ep_independent(dist_run: Path) -> None:
     assert sd["layers.0.ffn.experts.w1"].shape == (4, 24, 32)
     assert dataclasses.asdict(load_export(dist_run / "export_native").config) == dataclasses.asdict(
         tiny_config("native"))
+
+
+def test_an_export_reloads_split_over_two_expert_parallel_ranks(dist_run: Path) -> None:
+    torch.testing.assert_close(torch.load(dist_run / "logits_reloaded_ep2.pt"),
+                               torch.load(dist_run / "logits_native.pt"), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["native", "deepspeed"])
