@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "platform"))
 
 from moe import load_export, load_export_config  # noqa: E402
+from moe.export import is_export, weights_bytes  # noqa: E402
 from moe.prune import choose_experts, expert_usage, prune_export  # noqa: E402
 from moe.quantize import quantize_int8, model_size_bytes  # noqa: E402
 from moe_platform.data import Manifest  # noqa: E402
@@ -72,7 +73,7 @@ def generation_seconds(model, prompts: list[list[int]], new_tokens: int) -> floa
 def size_mb(model, export_dir: str, int8: bool) -> float:
     if int8:
         return model_size_bytes(model) / 1e6
-    return os.path.getsize(os.path.join(export_dir, "model.safetensors")) / 1e6
+    return weights_bytes(export_dir) / 1e6
 
 
 def main() -> None:
@@ -87,9 +88,9 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], help="another export to compare (label=dir or dir)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for required in (os.path.join(args.export_dir, "model.safetensors"), os.path.join(args.dataset_dir, "manifest.json")):
-        if not os.path.isfile(required):
-            sys.exit(f"{required} is missing: run `make run` first, or pass --export-dir / --dataset-dir")
+    if not is_export(args.export_dir) or not os.path.isfile(os.path.join(args.dataset_dir, "manifest.json")):
+        sys.exit(f"{args.export_dir} (an export) or {args.dataset_dir}/manifest.json is missing: run `make run` "
+                 "first, or pass --export-dir / --dataset-dir")
 
     config = load_export_config(args.export_dir)
     held_out = rows(args.dataset_dir, "validation", args.eval_rows)

@@ -155,12 +155,13 @@ def model_from_export(config: RootConfig, export_dir: str, overrides: list[str])
     the `model.*` keys given explicitly in `overrides` (e.g. model.moe.capacity_factor) on top."""
     import dataclasses
 
-    from moe import ModelConfig, load_export_config
+    from moe import ModelConfig
+    from moe.export import check_export
 
     try:
-        exported = dataclasses.asdict(load_export_config(export_dir))
-    except FileNotFoundError:
-        raise ConfigError(f"init.export_dir={export_dir} is not an export (no config.json)") from None
+        exported = dataclasses.asdict(check_export(export_dir, "init.export_dir", need_tokenizer=False))
+    except ValueError as exc:
+        raise ConfigError(_first_line(exc)) from None
     ours = dataclasses.asdict(config.model)
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")

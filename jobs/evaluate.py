@@ -17,6 +17,7 @@ import sys
 
 from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
+from moe.export import check_export
 from moe_platform.data import DataError
 from moe_platform.train import EvaluationReport, evaluate_export
 
@@ -24,8 +25,10 @@ from moe_platform.train import EvaluationReport, evaluate_export
 def run_evaluation(config: RootConfig) -> EvaluationReport:
     settings = config.evaluate
     export_dir = os.path.abspath(settings.export_dir)
-    if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
-        raise ConfigError(f"evaluate.export_dir={export_dir} is not an export (no model.safetensors)")
+    try:
+        check_export(export_dir, "evaluate.export_dir")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     init_ray()
     try:
         report = evaluate_export(export_dir, config.data.resolved().dataset_dir, split=settings.split,

@@ -1,4 +1,4 @@
-"""Export a checkpoint: model.safetensors + config.json + tokenizer.json, loadable at any expert-parallel size.
+"""Export a checkpoint as a Hugging Face model directory, loadable at any expert-parallel size.
 
     python jobs/export.py outputs/pretrain                     # the run's newest complete checkpoint
     python jobs/export.py outputs/pretrain/checkpoints/step_00000200 --output /tmp/my-export
@@ -35,7 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
     print(f"exported {checkpoint}\n     -> {output}")
+    blocker = transformers_blocker(output)
+    if blocker:
+        print(f"note: transformers cannot load this export: {blocker} (config.json model_type=moe_platform); "
+              "moe.load_export and jobs/serve.py can")
     return 0
+
+
+def transformers_blocker(export_dir: str) -> str | None:
+    """The setting that keeps transformers (and vLLM) from loading the export, or None."""
+    from moe.export import export_blocker, load_export_config
+
+    return export_blocker(load_export_config(export_dir))
 
 
 if __name__ == "__main__":

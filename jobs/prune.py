@@ -14,6 +14,7 @@ import sys
 
 from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
+from moe.export import check_export
 from moe_platform.data import DataError
 
 
@@ -22,8 +23,10 @@ def run_prune(config: RootConfig):
 
     settings = config.prune
     export_dir = os.path.abspath(settings.export_dir)
-    if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
-        raise ConfigError(f"prune.export_dir={export_dir} is not an export (no model.safetensors)")
+    try:
+        check_export(export_dir, "prune.export_dir", need_tokenizer=False)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     settings.check_choice()  # a ConfigError naming the key
     init_ray()
     try:

@@ -52,6 +52,9 @@ class MoEConfig:
     hidden num_shared_experts * shared_expert_hidden)."""
     shared_expert_hidden: Optional[int] = None
     """Hidden size per shared expert; None means expert_hidden."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(w . x), a learned per-token gate (Qwen2-MoE's
+    shared expert); false adds it ungated (DeepSeekMoE, ERNIE-4.5)."""
     moe_every: int = 1
     """Block i (0-based) has an MoE feed-forward when (i + 1) % moe_every == 0; 0 = no MoE (dense model)."""
     capacity_factor: float = 0.0
@@ -144,6 +147,13 @@ class ModelConfig:
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    """Key/value heads (grouped-query attention: each serves n_heads / n_kv_heads query heads);
+    None means n_heads (plain multi-head attention)."""
+    qkv_bias: bool = False
+    """A bias on the query, key and value projections (Qwen2)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before RoPE (Qwen3)."""
     seq_len: int = 256
     """Maximum context: training sequence length and the limit of prompt + generated tokens."""
     ffn_hidden: int = 704
@@ -168,12 +178,24 @@ class ModelConfig:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}.")
         if self.head_dim % 2:
             raise ValueError(f"model.d_model / model.n_heads = {self.head_dim} must be even for rotary embeddings.")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must be at least 1 and divide "
+                             f"model.n_heads={self.n_heads}.")
 
     # -- structure ---------------------------------------------------------------------------
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Output size of the key (and value) projection."""
+        return self.kv_heads * self.head_dim
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe.moe_every > 0 and (i + 1) % self.moe.moe_every == 0
@@ -197,15 +219,21 @@ class ModelConfig:
 
     def _block_matmul_params(self, i: int, active: bool) -> int:
         d, m = self.d_model, self.moe
-        attn = 4 * d * d
+        attn = 2 * d * d + 2 * d * self.kv_dim
         if not self.is_moe_layer(i):
             return attn + 3 * d * self.ffn_hidden
         experts = m.top_k if active else m.num_experts
-        return attn + d * m.num_experts + experts * 3 * d * m.expert_hidden + 3 * d * m.shared_hidden
+        shared_gate = d if m.shared_hidden and m.shared_expert_gate else 0
+        return attn + d * m.num_experts + experts * 3 * d * m.expert_hidden + 3 * d * m.shared_hidden + shared_gate
+
+    def _attention_vector_params(self) -> int:
+        """Per block: the q/k/v biases and the per-head q/k norms (not matmul parameters)."""
+        return (self.d_model + 2 * self.kv_dim) * self.qkv_bias + 2 * self.head_dim * self.qk_norm
 
     def _count(self, active: bool) -> int:
         d, v = self.d_model, self.vocab_size
-        blocks = sum(self._block_matmul_params(i, active) + 2 * d for i in range(self.n_layers))
+        blocks = sum(self._block_matmul_params(i, active) + 2 * d + self._attention_vector_params()
+                     for i in range(self.n_layers))
         embeddings = v * d if self.tie_embeddings else 2 * v * d
         return embeddings + blocks + d  # + final norm
 

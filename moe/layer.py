@@ -15,6 +15,7 @@ Canonical (EP- and backend-independent) layout of one MoE layer, under its prefi
     router.weight (E, D), router.balance_bias (E,) [bias balancing only],
     experts.w1 (E, F, D), experts.w2 (E, D, F), experts.w3 (E, F, D),
     shared.w1.weight (S, D), shared.w2.weight (D, S), shared.w3.weight (S, D) [shared experts only]
+    shared_gate.weight (1, D) [shared_expert_gate only]
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class MoELayer(nn.Module):
             self.router = None
             self.experts = DeepSpeedExperts(config, expert_parallel_size=expert_parallel_size)
         self.shared = SwiGLU(config.d_model, m.shared_hidden) if m.num_shared_experts else None
+        # Qwen2-MoE's shared-expert gate: a per-token sigmoid(w . x) scale on the shared output.
+        gated = self.shared is not None and m.shared_expert_gate
+        self.shared_gate = nn.Linear(config.d_model, 1, bias=False) if gated else None
         self.collect_stats = False
         self.stats: Optional[dict] = None
         self.aux_losses: dict[str, Tensor] = {}
@@ -69,7 +73,10 @@ class MoELayer(nn.Module):
         if self.routed_scale != 1.0:
             y_TD = y_TD * self.routed_scale
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
         self.aux_losses = self._losses(info)
         if self.training:
             self.window_load_E += info.routed_E.detach().to(self.window_load_E.device)
@@ -99,6 +106,9 @@ class MoELayer(nn.Module):
             shared = self.shared.named_parameters() if grads else merged_state(self.shared).items()
             for name, p in shared:
                 out[f"{prefix}shared.{name}"] = (p.grad if grads else p).detach()
+        if self.shared_gate is not None:
+            gate = self.shared_gate.weight
+            out[f"{prefix}shared_gate.weight"] = (gate.grad if grads else gate).detach()
         return out
 
     @torch.no_grad()
@@ -118,4 +128,7 @@ class MoELayer(nn.Module):
             for name, p in self.shared.named_parameters():
                 p.copy_(sd[f"{prefix}shared.{name}"])
                 used.add(f"{prefix}shared.{name}")
+        if self.shared_gate is not None:
+            self.shared_gate.weight.copy_(sd[f"{prefix}shared_gate.weight"])
+            used.add(f"{prefix}shared_gate.weight")
         return used

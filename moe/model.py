@@ -1,12 +1,14 @@
 """A decoder-only Mixture-of-Experts transformer, in the spirit of nanoGPT's model.py.
 
-token embedding -> n_layers x [RMSNorm -> causal attention (RoPE, SDPA) -> residual,
+token embedding -> n_layers x [RMSNorm -> causal attention (RoPE, SDPA; grouped-query when
+n_kv_heads < n_heads, optional q/k/v bias and per-head q/k norm) -> residual,
 RMSNorm -> feed-forward -> residual] -> RMSNorm -> lm_head. The feed-forward of every
 `moe_every`-th block is an MoELayer (moe/layer.py), the others a dense SwiGLU.
 Embeddings are tied by default (`tie_embeddings`): the output projection reuses the
 token embedding, which saves vocab_size * d_model parameters at small scale.
 
-Shapes: B batch, T sequence, D model dim, H heads, Hd head dim, V vocab, L cache length.
+Shapes: B batch, T sequence, D model dim, H heads, KV key/value heads, Hd head dim, V vocab,
+L cache length.
 
 Everything about ranks stays in moe/parallel.py; the model only knows its
 expert_parallel_size (each rank builds E / ep experts per MoE layer).
@@ -56,37 +58,48 @@ def apply_rope(x_BHTd: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of every layer, (B, H, L, Hd), preallocated once: B sequence slots of L
-    positions each (moe/generation.py hands the slots out and writes them)."""
+    """Keys and values of every layer, (B, KV, L, Hd), preallocated once: B sequence slots of L
+    positions each (moe/generation.py hands the slots out and writes them). KV = n_kv_heads:
+    grouped-query attention caches only the shared key/value heads."""
 
     def __init__(self, config: ModelConfig, batch: int, length: int, dtype: torch.dtype, device) -> None:
-        shape = (batch, config.n_heads, length, config.head_dim)
+        shape = (batch, config.kv_heads, length, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE. Grouped-query when n_kv_heads < n_heads (query head h
+    reads key/value head h // (H / KV)); optional q/k/v bias (Qwen2) and per-head q/k RMSNorm
+    before RoPE (Qwen3)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        d = config.d_model
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.wq = nn.Linear(d, d, bias=False)
-        self.wk = nn.Linear(d, d, bias=False)
-        self.wv = nn.Linear(d, d, bias=False)
+        d, kv = config.d_model, config.kv_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(d, d, bias=config.qkv_bias)
+        self.wk = nn.Linear(d, kv, bias=config.qkv_bias)
+        self.wv = nn.Linear(d, kv, bias=config.qkv_bias)
         self.wo = nn.Linear(d, d, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
     def forward(self, x_BTD: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor] = None,
                 kv=None) -> Tensor:
         """mask None: plain causal attention. Otherwise a (B, 1, T, L) bool mask (True = attend)
         over what the cache returns. `kv` (moe/generation.py) stores this call's keys/values:
-        `kv.update(k, v)` -> the keys/values to attend over, (B, H, L, Hd)."""
+        `kv.update(k, v)` -> the keys/values to attend over, (B, KV, L, Hd)."""
         B, T, D = x_BTD.shape
-        q, k, v = (w(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
-                   for w in (self.wq, self.wk, self.wv))
+        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Hd)
+        k, v = (w(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, Hd)
+                for w in (self.wk, self.wv))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = kv.update(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, D))
 
 

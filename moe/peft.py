@@ -460,18 +460,19 @@ def load_adapter(model: MoETransformer, adapter_dir: PathLike) -> None:
 
 
 def merge_adapter(base_export_dir: Optional[PathLike], adapter_dir: PathLike, out_dir: PathLike) -> Path:
-    """A full export (model.safetensors, config.json, tokenizer.json) with every adapted weight
-    replaced by W + scale * B @ A, computed on canonical tensors (no model, no GPU, any EP).
+    """A full export (moe/export.py) with every adapted weight replaced by W + scale * B @ A,
+    computed on canonical tensors (no model, no GPU, any EP).
     base_export_dir None: the one recorded in adapter_config.json."""
     from safetensors.torch import load_file
 
-    from .export import export_tokenizer, load_export_config, write_export
+    from .export import export_tokenizer, is_export, load_export_state, write_export
 
     config, recorded = read_adapter_config(adapter_dir)
     base = Path(base_export_dir if base_export_dir is not None else recorded or "")
-    if not (base / "model.safetensors").is_file():
-        raise ValueError(f"the base export {str(base)!r} of the adapter in {adapter_dir} has no model.safetensors.")
-    weights = load_file(str(base / "model.safetensors"))
+    if not is_export(base):
+        raise ValueError(f"the base export {str(base)!r} of the adapter in {adapter_dir} is not an export "
+                         "(no config.json with safetensors weights).")
+    weights, base_config = load_export_state(base)
     adapters = load_file(str(Path(adapter_dir) / ADAPTER_FILE))
     for key in sorted(k for k in adapters if k.endswith(".lora_A")):
         w_key = key[:-len(".lora_A")]
@@ -484,4 +485,4 @@ def merge_adapter(base_export_dir: Optional[PathLike], adapter_dir: PathLike, ou
             raise ValueError(f"the adapter's {w_key} has shape {tuple(delta.shape)}; the base export's is "
                              f"{tuple(w.shape)}.")
         weights[w_key] = (w.float() + delta).to(w.dtype)
-    return write_export(weights, load_export_config(base), out_dir, export_tokenizer(base))
+    return write_export(weights, base_config, out_dir, export_tokenizer(base))

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import ModelConfig
-from .export import export_tokenizer, load_export_config, write_export
+from .export import export_tokenizer, load_export_state, write_export
 from .model import MoETransformer
 
 PathLike = Union[str, Path]
@@ -100,7 +99,7 @@ def prune_state(sd: dict[str, Tensor], config: ModelConfig,
 def prune_export(export_dir: PathLike, out_dir: PathLike, keep_ids: list[list[int]]) -> Path:
     """Prune the export in export_dir into out_dir (tokenizer.json copied when present)."""
     src = Path(export_dir)
-    sd, config = prune_state(load_file(str(src / "model.safetensors")), load_export_config(src), keep_ids)
+    sd, config = prune_state(*load_export_state(src), keep_ids)
     return write_export(sd, config, out_dir, export_tokenizer(src))
 
 

@@ -2,7 +2,10 @@
 
     tok_emb.weight                          (V, D)
     layers.{i}.attn_norm.weight             (D,)
-    layers.{i}.attn.{wq,wk,wv,wo}.weight    (D, D)
+    layers.{i}.attn.{wq,wo}.weight          (D, D)
+    layers.{i}.attn.{wk,wv}.weight          (KV*Hd, D)  KV = n_kv_heads
+    layers.{i}.attn.{wq,wk,wv}.bias         (D,) / (KV*Hd,)   only with qkv_bias
+    layers.{i}.attn.{q,k}_norm.weight       (Hd,)       only with qk_norm
     layers.{i}.ffn_norm.weight              (D,)
     dense block i:
     layers.{i}.ffn.w1.weight (Fd, D)   layers.{i}.ffn.w2.weight (D, Fd)   layers.{i}.ffn.w3.weight (Fd, D)
@@ -13,6 +16,7 @@
     layers.{i}.ffn.experts.w2               (E, D, F)   down projection
     layers.{i}.ffn.experts.w3               (E, F, D)   up projection
     layers.{i}.ffn.shared.{w1,w2,w3}.weight (S, D) / (D, S) / (S, D), S = num_shared * shared hidden
+    layers.{i}.ffn.shared_gate.weight       (1, D)      only with shared_expert_gate
     norm.weight                             (D,)
     lm_head.weight                          (V, D)      only when tie_embeddings is false
 
@@ -44,8 +48,13 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(config.n_layers):
         p = f"layers.{i}."
         shapes[p + "attn_norm.weight"] = (d,)
-        for w in ("wq", "wk", "wv", "wo"):
-            shapes[p + f"attn.{w}.weight"] = (d, d)
+        kv = config.kv_dim
+        shapes.update({p + "attn.wq.weight": (d, d), p + "attn.wk.weight": (kv, d), p + "attn.wv.weight": (kv, d),
+                       p + "attn.wo.weight": (d, d)})
+        if config.qkv_bias:
+            shapes.update({p + "attn.wq.bias": (d,), p + "attn.wk.bias": (kv,), p + "attn.wv.bias": (kv,)})
+        if config.qk_norm:
+            shapes.update({p + "attn.q_norm.weight": (config.head_dim,), p + "attn.k_norm.weight": (config.head_dim,)})
         shapes[p + "ffn_norm.weight"] = (d,)
         if not config.is_moe_layer(i):
             shapes.update({p + "ffn.w1.weight": (fd, d), p + "ffn.w2.weight": (d, fd), p + "ffn.w3.weight": (fd, d)})
@@ -58,6 +67,8 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if s:
             shapes.update({p + "ffn.shared.w1.weight": (s, d), p + "ffn.shared.w2.weight": (d, s),
                            p + "ffn.shared.w3.weight": (s, d)})
+            if m.shared_expert_gate:
+                shapes[p + "ffn.shared_gate.weight"] = (1, d)
     shapes["norm.weight"] = (d,)
     if not config.tie_embeddings:
         shapes["lm_head.weight"] = (v, d)
@@ -68,12 +79,12 @@ def initial_canonical_state(config: ModelConfig) -> dict[str, Tensor]:
     """Fresh weights drawn from the global torch RNG in canonical order, so a given seed gives
     the same model for every backend and EP size. Normal(0, init_std) matrices, with the
     projections back into the residual stream (wo, w2) scaled by 1/sqrt(2 * n_layers) as in
-    GPT-2; norms at 1; balancing bias at 0."""
+    GPT-2; norms at 1; balancing bias and q/k/v biases at 0."""
     out_std = config.init_std / math.sqrt(2 * config.n_layers)
     sd = {}
     for key, shape in canonical_shapes(config).items():
-        if key.endswith(("norm.weight", "balance_bias")):
-            sd[key] = torch.zeros(shape) if key.endswith("balance_bias") else torch.ones(shape)
+        if key.endswith(("norm.weight", "balance_bias", ".bias")):
+            sd[key] = torch.ones(shape) if key.endswith("norm.weight") else torch.zeros(shape)
         else:
             std = out_std if key.endswith(("wo.weight", "w2.weight", "experts.w2")) else config.init_std
             sd[key] = torch.randn(shape) * std

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import ModelConfig, MoEConfig
-from .export import export_tokenizer, load_export_config, write_export
+from .export import export_tokenizer, load_export_state, write_export
 from .state import canonical_shapes
 
 PathLike = Union[str, Path]
@@ -99,5 +98,5 @@ def upcycle_state(dense_sd: dict[str, Tensor], dense_config: ModelConfig, moe: M
 def upcycle_export(dense_export_dir: PathLike, out_dir: PathLike, moe: MoEConfig, *, seed: int = 0) -> Path:
     """Upcycle the export in dense_export_dir into out_dir (tokenizer.json copied when present)."""
     src = Path(dense_export_dir)
-    sd, config = upcycle_state(load_file(str(src / "model.safetensors")), load_export_config(src), moe, seed=seed)
+    sd, config = upcycle_state(*load_export_state(src), moe, seed=seed)
     return write_export(sd, config, out_dir, tokenizer_file=export_tokenizer(src))

@@ -104,9 +104,22 @@ def _worker(out_dir: str) -> None:
     for backend in ("native", "deepspeed"):
         for ep, stage in ((1, 1), (2, 1), (2, 2)):
             results[f"{backend}_ep{ep}_zero{stage}"] = train(backend, ep, stage, out)
+    reload_at_ep2(out)
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps(results))
         (out / "comm.json").write_text(json.dumps(COMM))
+
+
+def reload_at_ep2(out: Path) -> None:
+    """A Hugging Face (Mixtral-layout) directory loads split over 2 expert-parallel ranks, as an
+    imported checkpoint starts a stage at any EP size that divides its experts."""
+    import torch.distributed as dist
+
+    model = load_export(out / "export_native", expert_parallel_size=2)
+    with torch.no_grad():
+        logits, _ = model(global_batches(model.config)[0, :, :-1])
+    if dist.get_rank() == 0:
+        torch.save(logits, out / "logits_reloaded_ep2.pt")
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +164,9 @@ def test_deepspeed_checkpoint_restores_expert_parallel_model(dist_run: Path, bac
 
 
 def test_canonical_state_is_ep_independent(dist_run: Path) -> None:
-    from safetensors.torch import load_file
+    from moe.export import load_export_state
 
-    sd = load_file(str(dist_run / "export_native" / "model.safetensors"))
+    sd = load_export_state(dist_run / "export_native")[0]
     assert sd["layers.0.ffn.experts.w1"].shape == (4, 24, 32)
     assert dataclasses.asdict(load_export(dist_run / "export_native").config) == dataclasses.asdict(
         tiny_config("native"))
@@ -166,3 +179,21 @@ def test_all_to_all_cost_is_measured_only_where_experts_travel(dist_run: Path) -
     assert sent % (32 * 4) == 0  # whole fp32 rows of d_model=32
     assert comm["native_ep1_zero1"] == [0, 0.0]  # EP=1: no all-to-all at all
     assert comm["deepspeed_ep2_zero1"] == [0, 0.0]  # DeepSpeed's own all-to-alls are not ours to count
+
+
+def test_an_export_reloads_split_over_two_expert_parallel_ranks(dist_run: Path) -> None:
+    torch.testing.assert_close(torch.load(dist_run / "logits_reloaded_ep2.pt"),
+                               torch.load(dist_run / "logits_native.pt"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["native", "deepspeed"])
+def test_an_ep2_export_equals_the_ep1_reload_export(dist_run: Path, backend: str, tmp_path: Path) -> None:
+    """Expert parallelism is invisible in the export: re-exporting the EP=2 export from one
+    process writes the same config.json and the same tensors, name for name."""
+    from safetensors.torch import load_file
+
+    ep2 = dist_run / f"export_{backend}"
+    ep1 = save_export(load_export(ep2), tmp_path / "ep1")
+    assert json.loads((ep1 / "config.json").read_text()) == json.loads((ep2 / "config.json").read_text())
+    theirs, ours = load_file(str(ep2 / "model.safetensors")), load_file(str(ep1 / "model.safetensors"))
+    assert sorted(theirs) == sorted(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)

@@ -258,8 +258,9 @@ def test_export_round_trip_without_pickle(tmp_path, backend: str) -> None:
     tok = tmp_path / "tok.json"
     tok.write_text('{"version": "1.0"}')
     out = save_export(model, tmp_path / "export", tokenizer_file=tok)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
-    assert json.loads((out / "config.json").read_text())["moe"]["backend"] == backend
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((out / "config.json").read_text())["moe_platform"]["model"]["moe"]["backend"] == backend
     idx = tokens(2, 10)
     expected, _ = model(idx)
     for load_backend in (None, "native", "deepspeed"):
@@ -272,10 +273,27 @@ def test_export_round_trip_without_pickle(tmp_path, backend: str) -> None:
 def test_load_export_rejects_a_wrong_format_version(tmp_path) -> None:
     out = save_export(build(tiny()), tmp_path / "e")
     cfg = json.loads((out / "config.json").read_text())
-    cfg["format_version"] = 99
+    cfg["moe_platform"]["format_version"] = 99
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format_version=99"):
         load_export(out)
+
+
+def test_a_format_1_export_still_loads_and_an_unknown_old_version_is_refused(tmp_path) -> None:
+    """Before exports were Hugging Face directories: canonical tensor names + the dataclass config."""
+    from safetensors.torch import save_file
+
+    model = build(tiny()).eval()
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in model.canonical_state_dict().items()},
+              str(tmp_path / "old" / "model.safetensors"))
+    old = {**dataclasses.asdict(model.config), "format_version": 1}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    idx = tokens(2, 10)
+    torch.testing.assert_close(load_export(tmp_path / "old")(idx)[0], model(idx)[0], atol=0, rtol=0)
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**old, "format_version": 7}))
+    with pytest.raises(ValueError, match="format_version=7"):
+        load_export(tmp_path / "old")
 
 
 def test_bias_balanced_export_keeps_the_bias(tmp_path) -> None:

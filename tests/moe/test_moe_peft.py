@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from moe.export import load_export_state
 
 from moe import (ModelConfig, MoEConfig, MoETransformer, PeftConfig, adapter_state_dict, apply_peft, load_adapter,
                  load_export, merge_adapter, optimizer_param_groups, save_adapter, save_export)
@@ -193,11 +193,11 @@ def test_merged_export_adapter_files_and_state_dict_agree(backend: str, tmp_path
     save_export(model, tmp_path / "trained")
     save_adapter(model, tmp_path / "adapter", peft, base_export_dir=tmp_path / "base")
     merge_adapter(None, tmp_path / "adapter", tmp_path / "merged")  # the base export recorded in the adapter
-    trained, merged = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("trained", "merged"))
+    trained, merged = (load_export_state(tmp_path / d)[0] for d in ("trained", "merged"))
     assert set(trained) == set(merged)
     for key in trained:
         torch.testing.assert_close(merged[key], trained[key], atol=1e-6, rtol=1e-6, msg=key)
-    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    base = load_export_state(tmp_path / "base")[0]
     assert not torch.equal(merged["layers.1.ffn.experts.w2"], base["layers.1.ffn.experts.w2"])
     assert torch.equal(merged["layers.1.ffn.router.weight"], base["layers.1.ffn.router.weight"])
     for loaded in (load_export(tmp_path / "merged"), load_export(tmp_path / "trained", backend="native")):
@@ -273,7 +273,7 @@ def _lora_run(backend: str, out: Path, rank: int) -> dict:
     if rank != 0:
         return {}
     torch.save(initial, out / "initial_adapters.pt")
-    base, merged = (load_file(str(out / d / "model.safetensors")) for d in ("base", "merged_ep2"))
+    base, merged = (load_export_state(out / d)[0] for d in ("base", "merged_ep2"))
     return {"losses": losses,
             "adapters_restored": all(torch.equal(trained[k], restored[k]) for k in trained),
             "merged_restored": all(torch.equal(restored_merged[k], merged[k]) for k in merged),
@@ -328,7 +328,7 @@ def test_zero_stage_0_trains_the_router_alone_at_ep2(dist_run: Path) -> None:
 def test_expert_parallel_export_equals_the_offline_merge(dist_run: Path, backend: str, tmp_path: Path) -> None:
     run = dist_run / backend
     merge_adapter(run / "base", run / "adapter", tmp_path / "merged")
-    ep2, offline = (load_file(str(d / "model.safetensors")) for d in (run / "merged_ep2", tmp_path / "merged"))
+    ep2, offline = (load_export_state(d)[0] for d in (run / "merged_ep2", tmp_path / "merged"))
     assert set(ep2) == set(offline)
     for key in ep2:
         torch.testing.assert_close(offline[key], ep2[key], atol=1e-6, rtol=1e-6, msg=key)

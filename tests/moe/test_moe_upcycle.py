@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from moe.export import load_export_state
 
 from moe import ModelConfig, MoEConfig, MoETransformer, load_export, save_export
 from moe.upcycle import upcycle_export, upcycle_state
@@ -64,7 +64,7 @@ def test_upcycled_model_equals_dense_model_at_step_0(dense_export, tmp_path, bac
 
 def test_experts_are_copies_router_is_seeded_and_bias_starts_at_zero(dense_export, tmp_path) -> None:
     _, src = dense_export
-    dense_sd = load_file(str(src / "model.safetensors"))
+    dense_sd = load_export_state(src)[0]
     moe = moe_config(bias_update_rate=0.01)
     sd, config = upcycle_state(dense_sd, dense_config(), moe, seed=7)
     for e in range(4):  # copies; w2 carries 1/routed_scale, which the layer multiplies back
@@ -89,8 +89,7 @@ def test_experts_are_copies_router_is_seeded_and_bias_starts_at_zero(dense_expor
 def test_num_params_grow_by_the_new_experts_and_routers(dense_export, tmp_path, moe_every, moe_layers) -> None:
     _, src = dense_export
     out = upcycle_export(src, tmp_path / "up", moe_config(moe_every=moe_every), seed=0)
-    config = ModelConfig.from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items()
-                                    if k != "format_version"})
+    config = ModelConfig.from_dict(json.loads((out / "config.json").read_text())["moe_platform"]["model"])
     D, E = 32, 4
     grown = moe_layers * ((E - 1) * 3 * D * FD + E * D)
     assert config.num_params == dense_config().num_params + grown

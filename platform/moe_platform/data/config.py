@@ -7,6 +7,8 @@ key, so a bad value fails before Ray starts.
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, List, Optional
 
@@ -160,4 +162,15 @@ def render_prompt(template: str, prompt: str) -> str:
     str.replace, not str.format: braces elsewhere in the template or in a prompt stay literal.
     """
     return template.replace("{prompt}", prompt)
+
+
+def chat_template(template: str) -> str:
+    """data.prompt_template as a Jinja chat template (tokenizer_config.json's "chat_template"):
+    system and user turns rendered through the template in order, each assistant turn followed by
+    eos, so the generation prompt is the template's text after {prompt} of the last user turn."""
+    before, after = (json.dumps(part) for part in template.split("{prompt}", 1))
+    return ("{%- for message in messages -%}"
+            "{%- if message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}"
+            "{%- else -%}{{ " + before + " }}{{ message['content'] }}{{ " + after + " }}"
+            "{%- endif -%}{%- endfor -%}")
 

@@ -16,8 +16,9 @@ import pyarrow.fs as pafs
 from moe_platform.data import storage
 from moe_platform.data.config import INSTRUCTION_KEYS, DataConfig
 from moe_platform.data.errors import DataError, ManifestError
-from moe_platform.data.manifest import MANIFEST_FILE, SPLITS, TOKENIZER_FILE, Manifest
+from moe_platform.data.manifest import MANIFEST_FILE, SPLITS, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Manifest
 from moe_platform.data.sources import Corpus, resolved_max_bytes
+from moe_platform.data.tokenizer import tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 PIPELINE_VERSION = 1
 # Present while a run writes; holds its fingerprint, so an interrupted run is recognised.
 IN_PROGRESS_FILE = ".prepare-in-progress.json"
-OUTPUT_NAMES = (MANIFEST_FILE, TOKENIZER_FILE, *SPLITS, IN_PROGRESS_FILE)
+OUTPUT_NAMES = (MANIFEST_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, *SPLITS, IN_PROGRESS_FILE)
 # Config keys that change no output byte: where it goes and how the work is cut into tasks.
 NOT_FINGERPRINTED = {"dataset_dir", "overwrite", "files_per_task", "num_cpus_per_task", "tokenizer"}
 
@@ -44,7 +45,7 @@ def compute_fingerprint(config: DataConfig, corpus: Corpus) -> str:
         "config": settings,
         "input": corpus.input,
         "files": [[f.identity, f.size, f.mtime_ns] for f in corpus.files],
-        "tokenizer_sha256": _file_sha256(config.tokenizer) if config.tokenizer else None,
+        "tokenizer_sha256": _file_sha256(tokenizer_file(config.tokenizer)) if config.tokenizer else None,
         "versions": {"tokenizers": tokenizers.__version__, "pyarrow": pa.__version__},
     }
     if corpus.generated:

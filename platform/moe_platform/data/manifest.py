@@ -32,6 +32,7 @@ from moe_platform.data.errors import ManifestError
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # eos/pad and a chat template, as exports carry them
 SPLITS = ("train", "validation")
 TOKENS_COLUMN = "tokens"
 LOSS_MASK_COLUMN = "loss_mask"

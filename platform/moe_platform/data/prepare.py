@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
 from moe_platform.data import storage
-from moe_platform.data.config import DataConfig, render_prompt
+from moe_platform.data.config import DataConfig, chat_template, render_prompt
 from moe_platform.data.errors import DataError
 from moe_platform.data.manifest import (
     DEFAULT_COLUMNS,
@@ -44,6 +44,7 @@ from moe_platform.data.manifest import (
     LOSS_MASK_COLUMN,
     MANIFEST_FILE,
     SPLITS,
+    TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
     DocumentStats,
     Manifest,
@@ -65,6 +66,7 @@ from moe_platform.data.tokenizer import (
     encode_documents,
     encode_instructions,
     encoder_from_json,
+    declared_special_tokens,
     load_tokenizer,
     sha256_text,
     special_token_ids,
@@ -86,6 +88,10 @@ class TokenizerBundle:
     eos_id: int
     pad_id: int
     trained: bool
+    # The token strings, for the dataset's tokenizer_config.json (what exports copy).
+    eos_token: str = "<|endoftext|>"
+    pad_token: Optional[str] = "<|pad|>"
+    bos_token: Optional[str] = None
 
 
 @dataclass
@@ -148,8 +154,10 @@ def plan_dataset(config: DataConfig) -> PreparePlan:
 
 def build_tokenizer(plan: PreparePlan) -> TokenizerBundle:
     config = plan.config
+    eos, pad, bos = config.eos_token, config.pad_token, None
     if config.tokenizer:
         tokenizer, trained = load_tokenizer(config.tokenizer), False
+        eos, pad, bos = declared_special_tokens(config.tokenizer) or (eos, pad, bos)
         log.info("reusing tokenizer %s (vocab %d)", config.tokenizer, tokenizer.get_vocab_size())
     else:
         texts, skipped = tokenizer_sample(plan.corpus, config)
@@ -160,8 +168,20 @@ def build_tokenizer(plan: PreparePlan) -> TokenizerBundle:
             texts, vocab_size=config.vocab_size, special_tokens=config.special_tokens, min_frequency=config.min_frequency
         )
         trained = True
-    eos_id, pad_id = special_token_ids(tokenizer, eos_token=config.eos_token, pad_token=config.pad_token)
-    return TokenizerBundle(tokenizer, tokenizer_json(tokenizer), eos_id, pad_id, trained)
+    eos_id, pad_id = special_token_ids(tokenizer, eos_token=eos, pad_token=pad)
+    return TokenizerBundle(tokenizer, tokenizer_json(tokenizer), eos_id, pad_id, trained, eos, pad, bos)
+
+
+def tokenizer_config(config: DataConfig, bundle: TokenizerBundle) -> dict:
+    """tokenizer_config.json beside the dataset's tokenizer.json: its special tokens and, for an
+    instruction set, data.prompt_template as a chat template. Exports of models trained on the
+    dataset copy it, so transformers' AutoTokenizer (and our server) know eos and the template."""
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": bundle.eos_token}
+    tc.update({name: token for name, token in (("pad_token", bundle.pad_token), ("bos_token", bundle.bos_token))
+               if token is not None})
+    if config.kind == "instruction":
+        tc["chat_template"] = chat_template(config.prompt_template)
+    return tc
 
 
 def write_dataset(plan: PreparePlan, bundle: TokenizerBundle) -> Manifest:
@@ -174,6 +194,8 @@ def write_dataset(plan: PreparePlan, bundle: TokenizerBundle) -> Manifest:
     storage.write_bytes_atomically(storage.join(dataset_dir, IN_PROGRESS_FILE), marker)
     try:
         storage.write_bytes_atomically(storage.join(dataset_dir, TOKENIZER_FILE), bundle.serialized.encode("utf-8"))
+        storage.write_bytes_atomically(storage.join(dataset_dir, TOKENIZER_CONFIG_FILE),
+                                       json.dumps(tokenizer_config(plan.config, bundle), indent=2).encode("utf-8"))
         collector = ShardCollector(plan.config, plan.corpus)
         for table in tokenize_on_ray(plan, bundle):
             if not collector.consume(table):

@@ -10,8 +10,9 @@ a document are encoded as ordinary text: a source file that mentions
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -40,8 +41,32 @@ def train_tokenizer(
     return tokenizer
 
 
+def tokenizer_file(location: str) -> str:
+    """data.tokenizer may name a tokenizer.json or a model directory holding one (an export, or a
+    Hugging Face checkpoint on disk)."""
+    return os.path.join(location, "tokenizer.json") if os.path.isdir(location) else location
+
+
+def declared_special_tokens(location: str) -> Optional[tuple[str, Optional[str], Optional[str]]]:
+    """(eos, pad, bos) that the tokenizer's own directory declares in tokenizer_config.json (an
+    imported model's "</s>", often with no pad token), or None when there is no such file."""
+    from moe.export import TOKENIZER_CONFIG_FILE, special_tokens
+
+    directory = location if os.path.isdir(location) else os.path.dirname(location)
+    if not directory or not os.path.isfile(os.path.join(directory, TOKENIZER_CONFIG_FILE)):
+        return None
+    try:
+        declared = special_tokens(directory)
+    except ValueError as exc:
+        raise DataError(f"data.tokenizer: {exc}") from None
+    if declared.eos is None:
+        raise DataError(f"data.tokenizer: {directory}/{TOKENIZER_CONFIG_FILE} names no eos_token")
+    return declared.eos, declared.pad, declared.bos
+
+
 def load_tokenizer(location: str) -> Tokenizer:
     """A tokenizer.json from a local path or URI, with a DataError naming the file if it is unusable."""
+    location = tokenizer_file(location)
     try:
         return Tokenizer.from_str(storage.read_bytes(location).decode("utf-8"))
     except FileNotFoundError:
@@ -50,10 +75,12 @@ def load_tokenizer(location: str) -> Tokenizer:
         raise DataError(f"data.tokenizer: {location} is not a tokenizer.json ({exc})") from None
 
 
-def special_token_ids(tokenizer: Tokenizer, *, eos_token: str, pad_token: str) -> tuple[int, int]:
-    """(eos_id, pad_id); DataError if the tokenizer lacks either or is too small to be byte-level."""
+def special_token_ids(tokenizer: Tokenizer, *, eos_token: str, pad_token: Optional[str]) -> tuple[int, int]:
+    """(eos_id, pad_id); DataError if the tokenizer lacks either or is too small to be byte-level.
+    pad_token None (Mixtral's and Llama's tokenizers have none): pad with eos. A pad id only fills
+    padding, which is never trained on."""
     ids = []
-    for key, token in (("data.eos_token", eos_token), ("data.pad_token", pad_token)):
+    for key, token in (("data.eos_token", eos_token), ("data.pad_token", pad_token or eos_token)):
         token_id = tokenizer.token_to_id(token)
         if token_id is None:
             raise DataError(f"the tokenizer has no {token!r} token: set {key} to one it has")

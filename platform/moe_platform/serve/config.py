@@ -51,7 +51,8 @@ SCHEDULERS = ("continuous", "static")
 
 @dataclass
 class ServeConfig:
-    # The export directory written by training (model.safetensors, config.json, tokenizer.json).
+    # The export directory written by training (a Hugging Face model directory, moe/export.py),
+    # or a local Mixtral / Qwen2-MoE / Qwen3-MoE / ERNIE-4.5-MoE / Llama / Mistral directory.
     # Unset: the serve job uses <run.output_dir>/export; build_app requires it.
     export_dir: Optional[str] = None
     # The name clients pass as "model" and /v1/models lists; unset: the export directory's name

@@ -27,7 +27,6 @@ batching gives the same guarantees: see scheduler.py.)
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 
 import torch
 
+from moe.export import DEFAULT_EOS as EOS_TOKEN, DEFAULT_PAD as PAD_TOKEN, ExportError  # noqa: F401 (re-exported)
 from moe_platform.serve.chat import ChatTemplate, ChatTemplateError, load_chat_template
 from moe_platform.serve.protocol import Prompt, SamplingParams
 from moe_platform.serve.text import Delta, TextStream
@@ -44,13 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
-
-
-class ExportError(ValueError):
-    """The export directory is missing a file or is not a model export."""
 
 
 @dataclass(frozen=True)
@@ -71,15 +64,21 @@ class _Group:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, chat_template: Optional["ChatTemplate"] = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, special: Any = None,
+                 chat_template: Optional["ChatTemplate"] = None) -> None:
+        """special: the export's moe.export.SpecialTokens (eos/pad of its tokenizer_config.json);
+        None: the platform's own "<|endoftext|>"/"<|pad|>". chat_template: None answers chat with a 400."""
         self.model = model  # moe.MoETransformer
         self.tokenizer = tokenizer  # tokenizers.Tokenizer
         self.chat_template = chat_template  # None: the export has none (chat requests get a 400)
         # As in training (moe_platform.data.tokenizer): special-token strings in text are text.
         # A prompt cannot end a document or inject control tokens by typing "<|endoftext|>".
         self.tokenizer.encode_special_tokens = True
-        self.eos_token_id = _special_id(tokenizer, EOS_TOKEN)
-        self.pad_token_id = _special_id(tokenizer, PAD_TOKEN)
+        eos = special.eos if special is not None else EOS_TOKEN
+        self.eos_token_id = _special_id(tokenizer, eos)
+        # An imported tokenizer may have no pad token (Mixtral's, Llama's): pad with eos, never decoded.
+        pad = special.pad if special is not None else PAD_TOKEN
+        self.pad_token_id = _special_id(tokenizer, pad) if pad is not None else self.eos_token_id
         self.context_length = int(_model_field(model, "seq_len"))
         self.vocab_size = int(_model_field(model, "vocab_size"))
 
@@ -88,6 +87,7 @@ class Engine:
         """safetensors + config.json + tokenizer.json; nothing is unpickled. quantize="int8":
         dynamic int8 linear layers and experts (CPU)."""
         from moe import load_export
+        from moe.export import export_tokenizer, special_tokens
         from tokenizers import Tokenizer
 
         check_export(export_dir)
@@ -98,12 +98,12 @@ class Engine:
             from moe.quantize import quantize_int8
 
             model = quantize_int8(model)
-        tokenizer = Tokenizer.from_file(os.path.join(export_dir, "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(str(export_tokenizer(export_dir)))
         try:
             chat_template = load_chat_template(export_dir)
         except ChatTemplateError as exc:
             raise ExportError(f"serve.export_dir={export_dir!r}: {exc}") from None
-        return cls(model.eval(), tokenizer, chat_template)
+        return cls(model.eval(), tokenizer, special_tokens(export_dir), chat_template)
 
     # ---- text <-> ids ---------------------------------------------------------------------
 
@@ -274,18 +274,16 @@ def _close(steps: Iterator[Any]) -> None:
 
 
 def check_export(export_dir: str) -> None:
-    """Fail early, naming the key: the directory, its three files, a readable config.json."""
-    from moe import load_export_config
+    """Fail early, naming the key: a directory with a readable config.json, safetensors weights,
+    tokenizer.json and known special tokens (moe.export owns what an export is)."""
+    from moe.export import check_export as check, special_tokens
 
-    if not os.path.isdir(export_dir):
-        raise ExportError(f"serve.export_dir={export_dir!r} is not a directory")
-    missing = [name for name in EXPORT_FILES if not os.path.isfile(os.path.join(export_dir, name))]
-    if missing:
-        raise ExportError(f"serve.export_dir={export_dir!r} is not a model export: missing {', '.join(missing)}")
+    check(export_dir, "serve.export_dir")
     try:
-        load_export_config(export_dir)
-    except (ValueError, TypeError, KeyError) as exc:  # wrong format_version, unknown keys, bad JSON
-        raise ExportError(f"serve.export_dir={export_dir!r}: {exc}") from None
+        if special_tokens(export_dir).eos is None:
+            raise ExportError("its tokenizer has no eos token (tokenizer_config.json eos_token)")
+    except ValueError as exc:
+        raise ExportError(f"serve.export_dir={export_dir} is not a usable export: {exc}") from None
 
 
 def _special_id(tokenizer: Any, token: str) -> int:

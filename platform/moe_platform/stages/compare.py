@@ -44,8 +44,9 @@ def parse_entry(entry: str) -> tuple[str, bool]:
     """'dir' or 'dir+int8' -> (absolute dir, int8?); the directory must be an export."""
     int8 = entry.endswith(INT8_SUFFIX)
     export_dir = os.path.abspath(entry[: -len(INT8_SUFFIX)] if int8 else entry)
-    if not os.path.isfile(os.path.join(export_dir, "model.safetensors")):
-        raise ValueError(f"evaluate.compare: {entry} is not an export (no model.safetensors in {export_dir})")
+    from moe.export import check_export
+
+    check_export(export_dir, f"evaluate.compare entry {entry}")
     return export_dir, int8
 
 
@@ -112,7 +113,9 @@ def generation_speed(model: torch.nn.Module, prompts: list[list[int]], new_token
 
 def _size_bytes(export_dir: str, model: torch.nn.Module, int8: bool) -> int:
     if not int8:
-        return os.path.getsize(os.path.join(export_dir, "model.safetensors"))
+        from moe.export import weights_bytes
+
+        return weights_bytes(export_dir)
     from moe.quantize import model_size_bytes
 
     return model_size_bytes(model)

@@ -53,7 +53,9 @@ def finished_export(directory: str) -> Optional[str]:
         return None
     with open(marker) as fh:
         export_dir = json.load(fh)["export_dir"]
-    return export_dir if os.path.isfile(os.path.join(export_dir, "model.safetensors")) else None
+    from moe.export import is_export
+
+    return export_dir if is_export(export_dir) else None
 
 
 def mark_finished(directory: str, spec: StageSpec, export_dir: str) -> None:

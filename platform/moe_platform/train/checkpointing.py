@@ -5,8 +5,8 @@ A checkpoint directory (Ray Train merges the ranks' local directories into it):
     step_00000100/
       deepspeed/latest, deepspeed/state/...   engine.save_checkpoint from every rank: module,
                                               optimizer (ZeRO partitions), LR scheduler, per-expert files
-      model/model.safetensors, config.json,   the EP-independent export of the weights at this step
-            tokenizer.json                    (what `jobs/export.py` copies; no pickle)
+      model/                                  the EP-independent export of the weights at this step, a
+                                              Hugging Face directory (moe/export.py; what `jobs/export.py` copies)
       train_state.json                        step, tokens, data position, world layout, metrics
       stage.json                              the resolved StageConfig the run was started with
       rng/rank_00000.pt                       each rank's torch / python / numpy RNG states

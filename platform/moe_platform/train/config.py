@@ -177,7 +177,7 @@ class RunConfig:
     # Worker failures Ray Train absorbs by restarting from the latest checkpoint (-1 = forever).
     max_failures: int = 0
     checkpoints_to_keep: int = 2
-    # Write <output_dir>/export (safetensors + config.json + tokenizer.json) at the end.
+    # Write <output_dir>/export (a Hugging Face model directory, moe/export.py) at the end.
     export: bool = True
 
     def __post_init__(self) -> None:
@@ -190,7 +190,8 @@ class RunConfig:
 class InitConfig:
     """Where a stage's weights come from when it is not resuming: random (seeded) or an export."""
 
-    # An export directory (model.safetensors + config.json) whose weights start this stage;
+    # An export directory (ours, or a local transformers checkpoint of a supported architecture,
+    # moe/export.py) whose weights start this stage;
     # its architecture must match the `model` section. null = random init from trainer.seed.
     export_dir: Optional[str] = None
 

@@ -1,7 +1,7 @@
 """The model on a worker: build it, initialise it from an export, write its export.
 
-Exports use the canonical (expert-parallel- and backend-independent) state dict
-of moe/state.py, so a model trained at EP=2 loads in one process, and an
+Exports (moe/export.py) hold the canonical (expert-parallel- and backend-independent)
+state dict of moe/state.py in a Hugging Face layout, so a model trained at EP=2 loads in one process, and an
 export can start a later stage at any EP size.
 """
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import Optional
 
 import torch
 
-from moe import ModelConfig, MoETransformer, load_export_config, save_export
-
-WEIGHTS_FILE = "model.safetensors"
+from moe import ModelConfig, MoETransformer, save_export
+from moe.export import ADAPTER_DIR, load_export_state
 
 
 def build_model(config: ModelConfig, *, expert_parallel_size: int, device: torch.device) -> MoETransformer:
@@ -24,17 +23,11 @@ def build_model(config: ModelConfig, *, expert_parallel_size: int, device: torch
 
 def load_export_weights(model: MoETransformer, export_dir: str) -> None:
     """init.export_dir: start from an export's weights (each rank keeps its slice of the experts)."""
-    from safetensors.torch import load_file
-
-    exported = load_export_config(export_dir)
+    state, exported = load_export_state(export_dir)
     if exported.moe.num_experts != model.config.moe.num_experts or exported.d_model != model.config.d_model:
         # plan.check_init_export already compared the architectures on the driver; this guards direct use.
         raise ValueError(f"the export {export_dir} has a different architecture than the model being trained")
-    state = load_file(os.path.join(export_dir, WEIGHTS_FILE), device=str(next(model.parameters()).device))
     model.load_canonical_state_dict(state)
-
-
-ADAPTER_DIR = "adapter"
 
 
 def write_model_export(model: MoETransformer, directory: str, *, tokenizer_path: str, rank: int,

@@ -12,10 +12,8 @@ the key, instead of as a traceback from inside Ray or DeepSpeed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -151,29 +149,27 @@ def check_teacher(stage: StageConfig) -> None:
     teacher_dir = stage.distill.teacher_export_dir
     if not teacher_dir:
         raise TrainConfigError("trainer.objective=distill needs distill.teacher_export_dir (a teacher export)")
-    config_file = os.path.join(teacher_dir, "config.json")
-    for required in (config_file, os.path.join(teacher_dir, "model.safetensors")):
-        if not os.path.isfile(required):
-            raise TrainConfigError(f"distill.teacher_export_dir={teacher_dir} is not an export: {required} is missing")
-    with open(config_file) as fh:
-        teacher = json.load(fh)
-    if teacher.get("vocab_size") != stage.model.vocab_size:
+    teacher = _export_config(teacher_dir, "distill.teacher_export_dir")
+    if teacher.vocab_size != stage.model.vocab_size:
         raise TrainConfigError(
-            f"distill.teacher_export_dir={teacher_dir} has vocab_size {teacher.get('vocab_size')} but "
+            f"distill.teacher_export_dir={teacher_dir} has vocab_size {teacher.vocab_size} but "
             f"model.vocab_size={stage.model.vocab_size}: teacher and student must share the tokenizer"
         )
 
 
+def _export_config(export_dir: str, key: str) -> ModelConfig:
+    """The ModelConfig of an export (ours or a transformers directory), or one line naming `key`."""
+    from moe.export import check_export
+
+    try:
+        return check_export(export_dir, key, need_tokenizer=False)
+    except ValueError as exc:
+        raise TrainConfigError(str(exc)) from None
+
+
 def check_init_export(export_dir: str, model: ModelConfig) -> None:
     """init.export_dir must be an export whose parameter shapes match the model section."""
-    config_file = os.path.join(export_dir, "config.json")
-    weights_file = os.path.join(export_dir, "model.safetensors")
-    for required in (config_file, weights_file):
-        if not os.path.isfile(required):
-            raise TrainConfigError(f"init.export_dir={export_dir} is not an export: {required} is missing")
-    with open(config_file) as fh:
-        exported = json.load(fh)
-    exported_model = exported.get("model", exported)
+    exported_model = dataclasses.asdict(_export_config(export_dir, "init.export_dir"))
     ours = dataclasses.asdict(model)
     for section, keys, prefix in ((ours, ARCHITECTURE_KEYS, "model."), (ours["moe"], MOE_ARCHITECTURE_KEYS, "model.moe.")):
         theirs = exported_model if prefix == "model." else exported_model.get("moe", {})
@@ -187,8 +183,10 @@ def check_init_export(export_dir: str, model: ModelConfig) -> None:
 
 # Fields that decide parameter shapes: an export initialises only a model that agrees on them.
 # (Routing settings - top_k, capacity, loss weights, backend - may change between stages.)
-ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings")
-MOE_ARCHITECTURE_KEYS = ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden", "moe_every")
+ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "qkv_bias", "qk_norm",
+                     "ffn_hidden", "tie_embeddings")
+MOE_ARCHITECTURE_KEYS = ("num_experts", "expert_hidden", "num_shared_experts", "shared_expert_hidden",
+                         "shared_expert_gate", "moe_every")
 
 
 def stage_datasets(stage: StageConfig) -> list[tuple[str, str, float]]:

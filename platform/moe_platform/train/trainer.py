@@ -15,7 +15,7 @@ Run directory (`run.output_dir`, a stable layout other jobs rely on):
                        its config matches (except OPERATIONAL_KEYS), else fails naming the difference
     tensorboard/       rank 0's event files
     checkpoints/       Ray Train's run directory: step_00000100/ ... (see checkpointing.py)
-    export/            model.safetensors + config.json + tokenizer.json of the last checkpoint
+    export/            the last checkpoint's model/, a Hugging Face model directory (moe/export.py)
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from moe_platform.data import storage
 from moe_platform.train.checkpointing import CheckpointError
 from moe_platform.train.config import StageConfig, TrainConfigError
 from moe_platform.train.batches import build_datasets, data_config
-from moe_platform.train.export import export_checkpoint
+from moe_platform.train.checkpoint_export import export_checkpoint
 from moe_platform.train.loop import TENSORBOARD_DIR, train_loop_per_worker
 from moe_platform.train.plan import (
     TrainPlan,

@@ -99,6 +99,6 @@ def test_empty_prompt_starts_from_the_document_boundary(engine):
 def test_a_directory_that_is_not_an_export_is_refused_by_name(tmp_path, tiny_export):
     with pytest.raises(ExportError, match="is not a directory"):
         check_export(str(tmp_path / "nope"))
-    with pytest.raises(ExportError, match="missing model.safetensors, config.json, tokenizer.json"):
+    with pytest.raises(ExportError, match="config.json is missing"):
         check_export(str(tmp_path))
     check_export(tiny_export)

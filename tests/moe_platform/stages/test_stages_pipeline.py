@@ -13,6 +13,7 @@ def fake_export(directory: str) -> str:
     export = os.path.join(directory, "export")
     os.makedirs(export, exist_ok=True)
     open(os.path.join(export, "model.safetensors"), "w").close()
+    open(os.path.join(export, "config.json"), "w").close()  # what moe.export.is_export looks for
     return export
 
 

@@ -119,8 +119,9 @@ def test_missing_dataset_names_the_directory(tmp_path):
 def test_init_export_must_match_the_architecture(tmp_path):
     export = tmp_path / "export"
     export.mkdir()
-    (export / "model.safetensors").write_bytes(b"")
-    (export / "config.json").write_text(json.dumps({**dataclasses.asdict(tiny_model()), "d_model": 48}))
+    from moe import MoETransformer, save_export
+
+    save_export(MoETransformer(dataclasses.replace(tiny_model(), d_model=48)), export)
     dataset = write_dataset(str(tmp_path / "data"), train_rows=64, validation_rows=16)
     stage = tiny_stage(dataset, str(tmp_path / "run"), init_export_dir=str(export))
     with pytest.raises(TrainConfigError, match="model.d_model=32 but the export has 48"):

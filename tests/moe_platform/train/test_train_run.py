@@ -94,8 +94,8 @@ def test_run_directory_layout_and_complete_checkpoints(ep2_run):
     assert StageConfig.from_dict(read_json(os.path.join(last, "stage.json"))).trainer == stage.trainer
     assert sorted(os.listdir(os.path.join(last, "rng"))) == ["rank_00000.pt", "rank_00001.pt"]
     # The export: safetensors + JSON only, no pickle anywhere.
-    assert sorted(os.listdir(result.export_dir)) == ["config.json", "model.safetensors", "provenance.json",
-                                                      "tokenizer.json"]
+    assert sorted(os.listdir(result.export_dir)) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "provenance.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def _ep2_logits(export_dir: str, expected_path: str) -> None:

@@ -12,7 +12,7 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from moe.export import load_export_state
 
 from moe import MoETransformer, load_export, save_export
 from moe.peft import PeftConfig
@@ -166,8 +166,8 @@ def test_lora_stage_exports_merged_weights_and_adapters_apart(mixture_run, expor
     adapter_dir = os.path.join(result.export_dir, "adapter")
     assert os.path.isfile(os.path.join(adapter_dir, "adapter.safetensors"))
     merged = merge_adapter(student, adapter_dir, str(tmp_path / "merged"))
-    exported, remerged = (load_file(os.path.join(d, "model.safetensors")) for d in (result.export_dir, merged))
-    base = load_file(os.path.join(student, "model.safetensors"))
+    exported, remerged = (load_export_state(d)[0] for d in (result.export_dir, merged))
+    base = load_export_state(student)[0]
     assert set(exported) == set(remerged)
     for key in exported:
         torch.testing.assert_close(exported[key], remerged[key], atol=1e-5, rtol=1e-5)

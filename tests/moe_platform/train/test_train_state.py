@@ -19,7 +19,7 @@ from moe_platform.train.checkpointing import (
     restore_rng_state,
 )
 from moe_platform.train.batches import DataPosition, TaskBatches, train_stream
-from moe_platform.train.export import resolve_checkpoint
+from moe_platform.train.checkpoint_export import resolve_checkpoint
 from moe_platform.train.config import TrainerConfig
 from moe_platform.train.plan import TaskPlan, TrainPlan
 

@@ -1,7 +1,7 @@
-"""Export: a checkpoint's EP-independent model files -> a standalone export directory.
+"""Copy a checkpoint's EP-independent model files into a standalone export directory.
 
-Every checkpoint already holds `model/` (model.safetensors + config.json +
-tokenizer.json), written by rank 0 after an all-gather of the experts, at any
+Every checkpoint already holds `model/` (a complete export, moe/export.py: a Hugging
+Face model directory), written by rank 0 after an all-gather of the experts, at any
 expert-parallel size. Exporting is therefore a verified copy: no Ray, no GPU,
 no knowledge of the worker count, and no pickle (DeepSpeed's own files are
 only for resuming).
@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 
+from moe.export import ADAPTER_DIR, check_export, export_blocker, export_files, load_export_config
 from moe_platform.train.checkpointing import (
     MODEL_DIR,
     TRAIN_STATE_FILE,
@@ -26,8 +27,6 @@ from moe_platform.train.checkpointing import (
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"  # model_io.ADAPTER_DIR (not imported: this module stays free of torch)
-EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 _CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -57,14 +56,15 @@ def export_checkpoint(path: str, output_dir: str) -> str:
     """
     checkpoint = resolve_checkpoint(path)
     source = os.path.join(checkpoint, MODEL_DIR)
-    missing = [name for name in EXPORT_FILES if not os.path.isfile(os.path.join(source, name))]
-    if missing:
-        raise CheckpointError(f"checkpoint {checkpoint} has no {MODEL_DIR}/{missing[0]}: it cannot be exported")
+    try:
+        check_export(source, f"checkpoint {MODEL_DIR}/")
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint} cannot be exported: {exc}") from None
     output_dir = os.path.abspath(output_dir)
     temporary = output_dir + ".partial"
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
-    for name in EXPORT_FILES:
+    for name in export_files(source):
         shutil.copy2(os.path.join(source, name), os.path.join(temporary, name))
     if os.path.isdir(os.path.join(source, ADAPTER_DIR)):  # a LoRA stage: the adapters alone, too
         shutil.copytree(os.path.join(source, ADAPTER_DIR), os.path.join(temporary, ADAPTER_DIR))
@@ -73,6 +73,9 @@ def export_checkpoint(path: str, output_dir: str) -> str:
         shutil.rmtree(output_dir)
     os.replace(temporary, output_dir)
     log.info("exported %s -> %s", checkpoint, output_dir)
+    blocker = export_blocker(load_export_config(output_dir))
+    if blocker:
+        log.warning("transformers cannot load %s: %s (config.json model_type=moe_platform)", output_dir, blocker)
     return output_dir
 
 
