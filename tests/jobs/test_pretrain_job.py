@@ -3,41 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "platform"))  # see tests/moe_platform/train/conftest.py
-sys.path.insert(0, str(REPO_ROOT / "tests" / "moe_platform" / "train"))
-
-from train_test_support import read_json, write_dataset  # noqa: E402
+from testkit.datasets import write_dataset
+from testkit.models import TINY_MODEL_OVERRIDES
+from testkit.processes import environment_without_ray, run_job
+from testkit.training import read_json
 
 RAY_STARTED = "Started a local Ray instance"
-# The tiny model of the training tests, as command-line overrides.
-TINY_MODEL = [
-    "model.vocab_size=64", "model.seq_len=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-    "model.ffn_hidden=64", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=32",
-]
 TINY_TRAINER = [
     "trainer.max_steps=8", "trainer.micro_batch_size=8", "trainer.lr=1e-2", "trainer.warmup_steps=2",
     "trainer.log_every=2", "trainer.report_every=4", "trainer.eval_every=4", "trainer.eval_batches=2",
     "trainer.checkpoint_every=4", "trainer.shuffle_buffer_rows=64",
 ]
-
-
-def run_job(name: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / f"{name}.py"), *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=600)
-
-
-def environment_without_ray() -> dict[str, str]:
-    """No RAY_ADDRESS: if the job got as far as Ray it would start one and say so."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.mark.parametrize(
@@ -77,7 +55,7 @@ def test_export_of_a_directory_without_checkpoints_fails_clearly(tmp_path):
 def test_pretrain_export_and_evaluate_jobs(job_env, tmp_path):
     dataset = write_dataset(str(tmp_path / "data"), train_rows=256, validation_rows=32)
     run_dir = tmp_path / "run"
-    common = [f"data.dataset_dir={dataset}", f"run.output_dir={run_dir}", *TINY_MODEL]
+    common = [f"data.dataset_dir={dataset}", f"run.output_dir={run_dir}", *TINY_MODEL_OVERRIDES]
     trained = run_job("pretrain", *common, *TINY_TRAINER, env=job_env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in trained.stdout

@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "platform"))  # see tests/moe_platform/train/conftest.py
-sys.path.insert(0, str(REPO_ROOT / "tests" / "moe_platform" / "train"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from test_pretrain_job import environment_without_ray, run_job  # noqa: E402
-from train_test_support import read_scalars, tiny_model, write_dataset  # noqa: E402
+from testkit.datasets import write_dataset
+from testkit.models import tiny_model
+from testkit.processes import environment_without_ray, run_job
+from testkit.training import read_scalars
 
 # A tiny model and a small slice of the built-in corpora, as command-line overrides.
 SMALL = [

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit.models import tiny_model
 
-from moe import ModelConfig, MoEConfig, MoETransformer, load_export, optimizer_param_groups, save_export
+from moe import ModelConfig, MoETransformer, load_export, optimizer_param_groups, save_export
 from moe.testing import run_distributed_test
 
 STEPS = 4
@@ -24,9 +25,8 @@ MICRO = 2  # sequences per rank per step
 
 
 def tiny_config(backend: str) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=48,
-                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=24, backend=backend,
-                                     num_shared_experts=1, balance_loss_coef=0.01, z_loss_coef=0.001))
+    return tiny_model(n_heads=4, seq_len=16, ffn_hidden=48, expert_hidden=24, backend=backend, num_shared_experts=1,
+                      balance_loss_coef=0.01, z_loss_coef=0.001)
 
 
 def global_batches(config: ModelConfig) -> torch.Tensor:

@@ -3,7 +3,7 @@ import sysconfig
 
 import pyarrow as pa
 import pytest
-from data_corpus import write_jsonl, write_parquet
+from testkit.datasets import write_jsonl, write_parquet
 
 from moe_platform.data import DataConfig, DataError
 from moe_platform.data.config import DEFAULT_CORPUS_MAX_BYTES

@@ -12,17 +12,9 @@ import os
 
 import pytest
 import torch
-from train_test_support import (
-    SEQ_LEN,
-    VOCAB_SIZE,
-    event_accumulator,
-    progression_rows,
-    read_json,
-    read_scalars,
-    tiny_model,
-    tiny_stage,
-    write_dataset,
-)
+from testkit.datasets import progression_rows, write_dataset
+from testkit.models import SEQ_LEN, VOCAB_SIZE, tiny_model
+from testkit.training import event_accumulator, read_json, read_scalars, tiny_stage
 
 from moe import load_export
 from moe.testing import run_distributed_test

@@ -20,13 +20,9 @@ from moe_platform.train import DistillConfig, TaskConfig, TrainConfigError, prep
 from moe_platform.train.data import DataPosition, MixtureBatches, TrainBatches
 from moe_platform.train.objective import kl_to_teacher
 from moe_platform.train.plan import make_mixture_plan, load_manifest
-from train_test_support import (
-    read_json,
-    read_scalars,
-    tiny_model,
-    tiny_stage,
-    write_dataset,
-)
+from testkit.datasets import write_dataset
+from testkit.models import tiny_model
+from testkit.training import read_json, read_scalars, tiny_stage
 from test_train_state import FakeShard, make_plan
 
 
