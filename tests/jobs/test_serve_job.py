@@ -117,26 +117,20 @@ def test_blocking_job_serves_until_ctrl_c_then_deletes_its_app(job_env, job_expo
 # ---- the whole path --------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_prepare_pretrain_export_serve_complete(ray_cluster, tmp_path, session_serve_port):
-    """experiment=smoke end to end with the jobs' own functions, in this process (the job
-    scripts' start-up is tested above): the served model is the export training wrote."""
-    from jobs.common import init_ray
-    from jobs.pretrain import run_pretraining
+def test_prepare_pretrain_export_serve_complete(smoke_run, session_serve_port):
+    """The session's `make run` (prepare -> pretrain -> export on the built-in corpus, tests/conftest.py)
+    served by the serve job's own functions, in this process (the job script's start-up is tested
+    above): with serve.export_dir unset, the served model is the export training wrote."""
     from jobs.serve import resolve_export_dir
-    from moe_platform.data.prepare import prepare_dataset
     from moe_platform.serve.app import deploy, undeploy
 
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     config = compose_root(
-        "experiment=smoke", f"data.dataset_dir={tmp_path / 'dataset'}", "data.max_bytes=300000",
-        f"run.output_dir={tmp_path / 'run'}", "trainer.max_steps=10", "trainer.eval_every=10",
-        "trainer.checkpoint_every=10", f"serve.app_name={name}", f"serve.route_prefix=/{name}",
+        f"run.output_dir={smoke_run.run_dir}", f"serve.app_name={name}", f"serve.route_prefix=/{name}",
         f"serve.port={session_serve_port}", "serve.num_cpus=0.25", "serve.api_key=e2e-key",
     )  # fmt: skip
-    prepare_dataset(config.data.resolved(), start_ray=init_ray)
-    trained = run_pretraining(config)  # ends with the export (run.export=true)
     serve_config = resolve_export_dir(config)  # serve.export_dir unset: <run.output_dir>/export
-    assert os.path.samefile(serve_config.export_dir, trained.export_dir)
+    assert os.path.samefile(serve_config.export_dir, smoke_run.export_dir)
     url = deploy(serve_config)
     try:
         client = CompletionsClient(url, api_key="e2e-key")

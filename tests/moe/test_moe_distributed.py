@@ -103,7 +103,7 @@ def _worker(out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def dist_run(tmp_path_factory) -> Path:
+def dist_run(deepspeed_ops, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("moe_dist")
     run_distributed_test(_worker, str(out), world_size=WORLD)
     return out

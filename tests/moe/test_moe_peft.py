@@ -307,7 +307,7 @@ def _dist_worker(out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def dist_run(tmp_path_factory) -> Path:
+def dist_run(deepspeed_ops, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("peft_dist")
     run_distributed_test(_dist_worker, str(out), world_size=2)
     return out
