@@ -51,6 +51,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
     deepspeed.init_distributed(dist_backend=backend)
     try:
         fn(*args)
+        torch.distributed.barrier()  # no rank tears down while a peer may still talk to it
     finally:
         torch.distributed.destroy_process_group()
     open(os.path.join(done_dir, f"rank_{rank}"), "w").close()

@@ -119,3 +119,18 @@ def test_prune_and_compare_jobs(job_env, tmp_path, tiny_export):
     bad = run_job("evaluate", f"evaluate.compare=[{export},{tmp_path}/nothing]", f"data.dataset_dir={dataset}",
                   env=environment_without_ray())
     assert bad.returncode == 2 and "is not an export" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_distill_without_a_teacher_is_a_one_line_error(tmp_path):
+    result = run_job("distill", f"run.output_dir={tmp_path / 'run'}", env=environment_without_ray(), timeout=300)
+    assert result.returncode == 2
+    assert "config error: distill.teacher_export_dir must name the teacher export" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_distill_from_a_directory_that_is_not_an_export_names_it(tmp_path):
+    result = run_job("distill", f"distill.teacher_export_dir={tmp_path}", f"run.output_dir={tmp_path / 'run'}",
+                     env=environment_without_ray(), timeout=300)  # fmt: skip
+    assert result.returncode == 2
+    assert f"config error: distill.teacher_export_dir={tmp_path}: " in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

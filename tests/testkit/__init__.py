@@ -23,7 +23,18 @@ processes   run_job(script, *overrides)   a jobs/<script> subprocess; a timeout 
 deepspeed_ops  DeepSpeed's JIT-built CPU op: built once per session; a stale build lock is
                                           reported by name instead of hanging every 2-process test
 
-Session fixtures (tests/conftest.py): `ray_cluster`, `job_env`, and `smoke_run`, one tiny
-pretraining job shared by every test that needs a trained run or its export.
-Mark a test `slow` when it runs a whole job (minutes): `make test-fast` skips those.
+smoke       SmokeRun, SMOKE_OVERRIDES      what the session's shared `make run` is and wrote
+
+Session fixtures (tests/conftest.py): `ray_cluster`, `job_env`, `deepspeed_ops`, and
+`smoke_run`, one tiny `make run` shared by every test that needs a trained run or its export.
+
+The budget: `make test` under 10 minutes on 2 cores, `make test-fast` under 3. Each Ray Train
+run costs tens of seconds there, so a new feature's tests
+- use `smoke_run` (or its export) when they need *a* trained model, never a run of their own;
+- otherwise start at most one run of their own, in a module- or session-scoped fixture that
+  all of the feature's assertions read (see tests/moe_platform/train/test_train_run.py);
+- mark every test that runs a job or a Ray Train run `slow`;
+- use tiny_model() shapes and a few steps; pure functions are tested without Ray;
+- start subprocesses only through run_job/start_job (a hang fails with the job's output).
+pytest prints the 25 slowest tests on every run: check them when you add one.
 """
