@@ -74,14 +74,11 @@ def job_env(ray_cluster) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def smoke_run(ray_cluster, tmp_path_factory):
-    """One `make run` of the tiny model, shared by every test that needs a trained run (testkit.smoke).
-    tests/jobs/test_main_job.py checks what it printed and wrote; a failed run errors every user."""
-    from testkit.processes import tail
+    """One prepare + pretrain of the tiny model, shared by every test that needs a trained run or
+    its export (testkit.smoke); a failed job errors every user with the job's last output."""
     from testkit.smoke import run_smoke
 
-    run = run_smoke(tmp_path_factory.mktemp("smoke"), _job_env(ray_cluster))
-    assert run.job.returncode == 0, f"jobs/main.py failed ({run.job.returncode}):\n{tail(run.job.stderr)}"
-    return run
+    return run_smoke(tmp_path_factory.mktemp("smoke"), _job_env(ray_cluster))
 
 
 PYTHON = sys.executable
