@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean-venv
+.PHONY: run test test-fast install clean-venv
 
 install: $(STAMP)
 
@@ -20,9 +20,14 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) jobs/main.py $(ARGS)
 
-# pytest exits 5 when it collects no test; make propagates any non-zero exit.
+# The whole suite (CI runs this). pytest exits 5 when it collects no test; make propagates
+# any non-zero exit.
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick loop while you work: everything except the end-to-end jobs marked `slow`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray instance per test session.
+"""Shared fixtures: one local Ray instance per test session (helpers: tests/testkit).
 
 Tests that need Ray take `ray_cluster`. It starts Ray once with a few logical
 CPUs on this 2-core box (train workers use fractional CPUs so Ray Data is never
@@ -15,11 +15,33 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# DeepSpeed JIT-builds its CPU comm op into torch's extension directory, ~/.cache/torch_extensions
+# unless TORCH_EXTENSIONS_DIR says otherwise: one directory, and one build lock, for every
+# checkout and virtualenv of the user. Sources from another virtualenv count as a change there,
+# so two checkouts tested at once rebuild the op in turn and wait on each other's lock. The
+# suite builds into its own virtualenv instead (inherited by the ranks, Ray workers and jobs).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+# Ray Train's controller polls its workers every 2 s by default; a worker's report waits for the
+# next poll, and so does the end of every run. Tests run dozens of short runs: poll faster.
+# Set before ray.init so that every Ray worker (Tune trials drive Train runs too) inherits it.
+TRAIN_POLL_INTERVAL_S = "0.25"
+
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def deepspeed_ops():
+    """DeepSpeed's CPU comm op built once, before any rank or Train worker loads it (testkit.deepspeed_ops)."""
+    from testkit.deepspeed_ops import build_deepspeed_ops
+
+    build_deepspeed_ops()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(deepspeed_ops):
     import ray
 
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
     context = ray.init(
         address="local",
         num_cpus=4,
@@ -37,13 +59,26 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture()
-def job_env(ray_cluster) -> dict[str, str]:
-    """Environment for running a job file as a subprocess against the session's Ray."""
+def _job_env(ray_cluster) -> dict[str, str]:
     env = dict(os.environ)
     env["RAY_ADDRESS"] = ray_cluster.address_info["address"]
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.fixture()
+def job_env(ray_cluster) -> dict[str, str]:
+    """Environment for running a job file as a subprocess against the session's Ray."""
+    return _job_env(ray_cluster)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_cluster, tmp_path_factory):
+    """One prepare + pretrain of the tiny model, shared by every test that needs a trained run or
+    its export (testkit.smoke); a failed job errors every user with the job's last output."""
+    from testkit.smoke import run_smoke
+
+    return run_smoke(tmp_path_factory.mktemp("smoke"), _job_env(ray_cluster))
 
 
 PYTHON = sys.executable

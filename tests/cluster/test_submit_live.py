@@ -78,11 +78,7 @@ def test_no_wait_returns_after_submitting(probe_project, dashboard):
 def test_a_real_job_of_ours_runs_with_the_real_runtime_env(dashboard):
     """`--cfg job` makes Hydra compose and print the job's config, then exit: the job's imports,
     config tree and the uploaded working_dir all work on the cluster, in seconds."""
-    job = next(
-        (j for j in ("prepare", "pretrain", "evaluate", "main") if (REPO_ROOT / "jobs" / f"{j}.py").exists()), None
-    )
-    if job is None:
-        pytest.skip("no job file in jobs/ yet")
+    job = "prepare"
     result = run_submit(REPO_ROOT, job, "--address", dashboard, "--", "--cfg", "job")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "model:" in result.stdout

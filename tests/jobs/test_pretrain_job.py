@@ -3,41 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "platform"))  # see tests/moe_platform/train/conftest.py
-sys.path.insert(0, str(REPO_ROOT / "tests" / "moe_platform" / "train"))
-
-from train_test_support import read_json, write_dataset  # noqa: E402
+from testkit.processes import environment_without_ray, run_job
+from testkit.smoke import STEPS
+from testkit.training import read_json
 
 RAY_STARTED = "Started a local Ray instance"
-# The tiny model of the training tests, as command-line overrides.
-TINY_MODEL = [
-    "model.vocab_size=64", "model.seq_len=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-    "model.ffn_hidden=64", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_hidden=32",
-]
-TINY_TRAINER = [
-    "trainer.max_steps=8", "trainer.micro_batch_size=8", "trainer.lr=1e-2", "trainer.warmup_steps=2",
-    "trainer.log_every=2", "trainer.report_every=4", "trainer.eval_every=4", "trainer.eval_batches=2",
-    "trainer.checkpoint_every=4", "trainer.shuffle_buffer_rows=64",
-]
-
-
-def run_job(name: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / f"{name}.py"), *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=600)
-
-
-def environment_without_ray() -> dict[str, str]:
-    """No RAY_ADDRESS: if the job got as far as Ray it would start one and say so."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.mark.parametrize(
@@ -74,34 +46,35 @@ def test_export_of_a_directory_without_checkpoints_fails_clearly(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_export_and_evaluate_jobs(job_env, tmp_path):
-    dataset = write_dataset(str(tmp_path / "data"), train_rows=256, validation_rows=32)
-    run_dir = tmp_path / "run"
-    common = [f"data.dataset_dir={dataset}", f"run.output_dir={run_dir}", *TINY_MODEL]
-    trained = run_job("pretrain", *common, *TINY_TRAINER, env=job_env)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+def test_pretrain_export_and_evaluate_jobs(smoke_run, job_env, tmp_path):
+    """The session's smoke run (tests/conftest.py) is a prepare and a pretrain job: check what the
+    pretrain job printed and wrote, then export and evaluate it with their jobs."""
+    run_dir, trained = smoke_run.run_dir, smoke_run.pretrain
     assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in trained.stdout
     assert sorted(os.listdir(run_dir)) == ["checkpoints", "config.json", "config.yaml", "export", "tensorboard"]
-    assert "max_steps: 8" in (run_dir / "config.yaml").read_text()
-    assert "step 8/8 (100%)" in trained.stderr + trained.stdout  # the driver's progress line
+    assert f"max_steps: {STEPS}" in (run_dir / "config.yaml").read_text()
+    assert f"step {STEPS}/{STEPS} (100%)" in trained.stderr + trained.stdout  # the driver's progress line
 
     # Export from the run directory, without Ray: the same files as the run's own export.
     exported = run_job("export", str(run_dir), "--output", str(tmp_path / "again"), env=environment_without_ray())
     assert exported.returncode == 0, exported.stderr[-2000:]
-    assert "step_00000008" in exported.stdout
+    assert f"step_{STEPS:08d}" in exported.stdout
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (tmp_path / "again" / name).read_bytes() == (run_dir / "export" / name).read_bytes()
 
-    evaluated = run_job("evaluate", *common, f"evaluate.export_dir={tmp_path / 'again'}", env=job_env)
+    evaluated = run_job("evaluate", *smoke_run.overrides, f"evaluate.export_dir={tmp_path / 'again'}",
+                        "evaluate.max_batches=null", env=job_env)  # the whole validation split
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    manifest = read_json(str(smoke_run.dataset_dir / "manifest.json"))
+    tokens = manifest["splits"]["validation"]["rows"] * manifest["seq_len"]  # one target per position
     report = read_json(str(tmp_path / "again" / "evaluation_validation.json"))
-    assert report["tokens"] == 32 * 32 and 1.0 < report["perplexity"] < 64.0
+    assert report["tokens"] == tokens and 1.0 < report["perplexity"] < manifest["vocab_size"]
     assert [layer["layer"] for layer in report["routing"]] == [0, 1]
-    assert sum(report["routing"][0]["tokens_per_expert"]) == 32 * 32 * 2  # top-2
+    assert sum(report["routing"][0]["tokens_per_expert"]) == tokens * 2  # top-2
     assert "perplexity" in evaluated.stdout
 
     # The same output_dir with another config: refused, naming the difference.
-    refused = run_job("pretrain", *common, *TINY_TRAINER, "trainer.lr=0.5", env=job_env)
+    refused = run_job("pretrain", *smoke_run.overrides, "trainer.lr=0.5", env=job_env, cwd=smoke_run.root)
     assert refused.returncode == 2
     assert "trainer.lr=0.01 there, 0.5 now" in refused.stderr and "Traceback" not in refused.stderr
     assert json.loads((run_dir / "config.json").read_text())["trainer"]["lr"] == 0.01

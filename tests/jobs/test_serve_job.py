@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import threading
-import time
 import uuid
-from pathlib import Path
 
 import pytest
+from testkit.processes import REPO_ROOT, environment_without_ray, run_job, start_job
+from testkit.serving import API_KEY, ensure_serve_port, tiny_serve_model
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SERVE_JOB = str(REPO_ROOT / "jobs" / "serve.py")
-sys.path.insert(0, str(REPO_ROOT / "tests" / "moe_platform" / "serve"))
-from serve_test_support import API_KEY, ensure_serve_port, tiny_model_config  # noqa: E402
-
-from moe_platform.serve.client import CompletionsClient  # noqa: E402
-from moe_platform.serve.config import API_KEY_ENV  # noqa: E402
+from moe_platform.serve.client import CompletionsClient
+from moe_platform.serve.config import API_KEY_ENV
 
 RAY_STARTED = "Started a local Ray instance"
-
-
-def run_job(script: str, *overrides: str, env: dict | None = None, cwd: Path | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:  # fmt: skip
-    return subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / script), *overrides],
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)  # fmt: skip
 
 
 def app_overrides(export_dir: str, port: int) -> tuple[list[str], str]:
@@ -41,7 +27,7 @@ def app_overrides(export_dir: str, port: int) -> tuple[list[str], str]:
 def job_export(tmp_path_factory) -> str:
     from moe_platform.serve.random_export import write_random_export
 
-    return write_random_export(str(tmp_path_factory.mktemp("job") / "export"), tiny_model_config(), seed=0)
+    return write_random_export(str(tmp_path_factory.mktemp("job") / "export"), tiny_serve_model(), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +46,7 @@ def session_serve_port(ray_cluster) -> int:
     ids=["bad-value", "missing-export", "default-export-missing"],
 )
 def test_bad_serve_config_is_one_line_before_ray(overrides, message):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = run_job("serve.py", *overrides, env=env)
+    result = run_job("serve.py", *overrides, env=environment_without_ray(), timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == message
     assert "Traceback" not in result.stderr and RAY_STARTED not in result.stderr + result.stdout
@@ -93,7 +78,8 @@ def test_detached_job_leaves_the_app_serving_on_the_cluster(job_env, job_export,
     from ray import serve
 
     overrides, name = app_overrides(job_export, session_serve_port)
-    result = run_job("serve.py", *overrides, "serve.blocking=false", env={**job_env, API_KEY_ENV: API_KEY})
+    result = run_job("serve.py", *overrides, "serve.blocking=false", env={**job_env, API_KEY_ENV: API_KEY},
+                     timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     url = f"http://127.0.0.1:{session_serve_port}/{name}"
     assert f"serving tiny at {url}" in result.stdout
@@ -111,72 +97,40 @@ def test_blocking_job_serves_until_ctrl_c_then_deletes_its_app(job_env, job_expo
     from ray import serve
 
     overrides, name = app_overrides(job_export, session_serve_port)
-    process = subprocess.Popen([sys.executable, SERVE_JOB, *overrides], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env=job_env)  # fmt: skip
+    job = start_job("serve.py", *overrides, env=job_env)  # drains stdout: Ray streams the replicas' logs to it
     try:
-        lines = _read_until(process, "serving until Ctrl-C", timeout_s=180)
+        lines = job.wait_for("serving until Ctrl-C", timeout_s=180)
         assert any(f"/{name}" in line for line in lines)
         health = CompletionsClient(f"http://127.0.0.1:{session_serve_port}/{name}").request("GET", "/healthz")
         assert health.status == 200
-        # Keep reading: a job whose stdout pipe fills up (Ray streams the replicas' logs to it)
-        # blocks in write() and never exits, which would look like a hung shutdown.
-        drain = threading.Thread(target=lines.extend, args=(process.stdout,), daemon=True)
-        drain.start()
-        process.send_signal(signal.SIGINT)
+        job.process.send_signal(signal.SIGINT)
         # Generous: deleting the app on a 2-core box shared with other suites can take a while.
-        try:
-            code = process.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the job did not exit within 180 s of Ctrl-C; its last output:\n"
-                                 + "".join(lines[-40:])) from None
-        assert code == 0, "".join(lines[-40:])
+        code = job.wait(timeout_s=180)
+        assert code == 0, job.output(40)
         assert name not in serve.status().applications
     finally:
-        if process.poll() is None:
-            process.kill()
+        job.kill()  # no-op once it exited
+        if name in serve.status().applications:
             serve.delete(name)
-
-
-def _read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> list[str]:
-    deadline, lines = time.monotonic() + timeout_s, []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            raise AssertionError(f"the job exited ({process.returncode}) before {marker!r}:\n" + "".join(lines[-40:]))
-        lines.append(line)
-        if marker in line:
-            return lines
-    raise AssertionError(f"no {marker!r} within {timeout_s}s:\n" + "".join(lines[-40:]))
 
 
 # ---- the whole path --------------------------------------------------------------------------
 
-_PIPELINE = ("prepare.py", "pretrain.py")
-_MISSING = [script for script in _PIPELINE if not (REPO_ROOT / "jobs" / script).exists()]
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(bool(_MISSING), reason=f"needs jobs/{', jobs/'.join(_MISSING)} (not written yet)")
-def test_prepare_pretrain_export_serve_complete(ray_cluster, tmp_path, session_serve_port):
-    """experiment=smoke end to end with the jobs' own functions, in this process (the job
-    scripts' start-up is tested above): the served model is the export training wrote."""
-    from jobs.common import init_ray
-    from jobs.pretrain import run_pretraining
+def test_prepare_pretrain_export_serve_complete(smoke_run, session_serve_port):
+    """The session's `make run` (prepare -> pretrain -> export on the built-in corpus, tests/conftest.py)
+    served by the serve job's own functions, in this process (the job script's start-up is tested
+    above): with serve.export_dir unset, the served model is the export training wrote."""
     from jobs.serve import resolve_export_dir
-    from moe_platform.data.prepare import prepare_dataset
     from moe_platform.serve.app import deploy, undeploy
 
     name = f"e2e-{uuid.uuid4().hex[:8]}"
     config = compose_root(
-        "experiment=smoke", f"data.dataset_dir={tmp_path / 'dataset'}", "data.max_bytes=300000",
-        f"run.output_dir={tmp_path / 'run'}", "trainer.max_steps=10", "trainer.eval_every=10",
-        "trainer.checkpoint_every=10", f"serve.app_name={name}", f"serve.route_prefix=/{name}",
+        f"run.output_dir={smoke_run.run_dir}", f"serve.app_name={name}", f"serve.route_prefix=/{name}",
         f"serve.port={session_serve_port}", "serve.num_cpus=0.25", "serve.api_key=e2e-key",
     )  # fmt: skip
-    prepare_dataset(config.data.resolved(), start_ray=init_ray)
-    trained = run_pretraining(config)  # ends with the export (run.export=true)
     serve_config = resolve_export_dir(config)  # serve.export_dir unset: <run.output_dir>/export
-    assert os.path.samefile(serve_config.export_dir, trained.export_dir)
+    assert os.path.samefile(serve_config.export_dir, smoke_run.export_dir)
     url = deploy(serve_config)
     try:
         client = CompletionsClient(url, api_key="e2e-key")

@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "platform"))  # see tests/moe_platform/train/conftest.py
-sys.path.insert(0, str(REPO_ROOT / "tests" / "moe_platform" / "train"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from test_pretrain_job import environment_without_ray, run_job  # noqa: E402
-from train_test_support import read_scalars, tiny_model, write_dataset  # noqa: E402
+from testkit.datasets import write_dataset
+from testkit.models import tiny_model
+from testkit.processes import environment_without_ray, run_job
+from testkit.training import read_scalars
 
 # A tiny model and a small slice of the built-in corpora, as command-line overrides.
 SMALL = [
@@ -125,3 +119,18 @@ def test_prune_and_compare_jobs(job_env, tmp_path, tiny_export):
     bad = run_job("evaluate", f"evaluate.compare=[{export},{tmp_path}/nothing]", f"data.dataset_dir={dataset}",
                   env=environment_without_ray())
     assert bad.returncode == 2 and "is not an export" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_distill_without_a_teacher_is_a_one_line_error(tmp_path):
+    result = run_job("distill", f"run.output_dir={tmp_path / 'run'}", env=environment_without_ray(), timeout=300)
+    assert result.returncode == 2
+    assert "config error: distill.teacher_export_dir must name the teacher export" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_distill_from_a_directory_that_is_not_an_export_names_it(tmp_path):
+    result = run_job("distill", f"distill.teacher_export_dir={tmp_path}", f"run.output_dir={tmp_path / 'run'}",
+                     env=environment_without_ray(), timeout=300)  # fmt: skip
+    assert result.returncode == 2
+    assert f"config error: distill.teacher_export_dir={tmp_path}: " in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

@@ -7,17 +7,12 @@ import glob
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TUNE_JOB = str(REPO_ROOT / "jobs" / "tune.py")
-sys.path.insert(0, str(REPO_ROOT / "tests" / "moe_platform" / "tune"))
-from tune_test_support import write_dataset  # noqa: E402
+from testkit.datasets import write_dataset
+from testkit.processes import environment_without_ray, run_job, start_job
 
 RAY_STARTED = "Started a local Ray instance"
 GOOD_LR = 0.01
@@ -33,12 +28,6 @@ def tiny_overrides(dataset_dir: str, tune_dir: str) -> list[str]:
         "trainer.max_steps=12", "trainer.warmup_steps=2", "trainer.log_every=4", "trainer.eval_every=4",
         "trainer.eval_batches=2", "trainer.checkpoint_every=12", "trainer.shuffle_buffer_rows=64",
     ]
-
-
-def environment_without_ray() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +49,8 @@ def dataset(tmp_path_factory) -> str:
     ids=["unknown-key", "empty-choice", "loguniform-zero", "model-rejects"],
 )
 def test_bad_space_fails_before_ray_starts(dataset, tmp_path, space, message):
-    result = subprocess.run(
-        [sys.executable, TUNE_JOB, *tiny_overrides(dataset, str(tmp_path / "tune")), f"tune.space={space}"],
-        capture_output=True, text=True, env=environment_without_ray(), timeout=300,
-    )
+    result = run_job("tune", *tiny_overrides(dataset, str(tmp_path / "tune")), f"tune.space={space}",
+                     env=environment_without_ray(), timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith("config error: ") and message in result.stderr
     assert RAY_STARTED not in result.stdout + result.stderr
@@ -73,19 +60,19 @@ def test_bad_space_fails_before_ray_starts(dataset, tmp_path, space, message):
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(job_env, dataset, tmp_path):
     tune_dir = tmp_path / "tune"
-    command = [sys.executable, TUNE_JOB, *tiny_overrides(dataset, str(tune_dir)),
-               f"tune.space=[{{key: trainer.lr, kind: grid, values: [{GOOD_LR}, 0.003]}}]",
-               "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.scheduler=fifo"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=job_env)
+    overrides = [*tiny_overrides(dataset, str(tune_dir)),
+                 f"tune.space=[{{key: trainer.lr, kind: grid, values: [{GOOD_LR}, 0.003]}}]",
+                 "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.scheduler=fifo"]
+    first = start_job("tune", *overrides, env=job_env)
     finished_checkpoint = _wait_for_first_finished_trial(tune_dir, first)
-    first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment and stops the running trial
-    output, _ = first.communicate(timeout=300)
-    assert first.returncode == 130, output[-4000:]
+    first.process.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment and stops the running trial
+    code, output = first.wait(timeout_s=300), first.output()
+    assert code == 130, output[-4000:]
     assert "the sweep was interrupted: run the same command again to resume it" in output, output[-4000:]
     finished_trial = finished_checkpoint.split(os.sep)[-3]
     finished_at = os.path.getmtime(finished_checkpoint)
 
-    again = subprocess.run(command, capture_output=True, text=True, env=job_env, timeout=600)
+    again = run_job("tune", *overrides, env=job_env, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert "resuming the sweep" in again.stdout + again.stderr
     results = json.loads((tune_dir / "results.json").read_text())
@@ -97,7 +84,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(job_env, da
     _check_best(tune_dir, again.stdout)
 
 
-def _wait_for_first_finished_trial(tune_dir: Path, process: subprocess.Popen, timeout: float = 400) -> str:
+def _wait_for_first_finished_trial(tune_dir: Path, job, timeout: float = 400) -> str:
     """The first trial's final checkpoint, once the second trial has started: with one trial at a
     time, Tune has then recorded the first as finished."""
     deadline = time.monotonic() + timeout
@@ -106,11 +93,11 @@ def _wait_for_first_finished_trial(tune_dir: Path, process: subprocess.Popen, ti
         done = glob.glob(str(tune_dir / "trials" / "*" / "checkpoints" / "step_00000012" / "train_state.json"))
         if len(started) == 2 and done:
             return os.path.dirname(done[0])
-        if process.poll() is not None:
-            pytest.fail(f"the sweep ended before it could be interrupted:\n{process.stdout.read()[-4000:]}")
+        if job.process.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be interrupted:\n{job.output()[-4000:]}")
         time.sleep(0.5)
-    process.kill()
-    pytest.fail("the second trial did not start in time")
+    job.kill()
+    pytest.fail(f"the second trial did not start within {timeout:.0f} s; the sweep's last output:\n{job.output(40)}")
 
 
 def _check_best(tune_dir: Path, stdout: str) -> None:

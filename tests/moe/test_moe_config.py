@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import dataclasses
 
 import pytest
@@ -10,12 +12,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from testkit.models import tiny_model
+
 from moe import ModelConfig, MoEConfig, MoETransformer
 
 
-def tiny(**moe) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=48,
-                       moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_hidden": 16, **moe}))
+tiny = partial(tiny_model, n_heads=4, seq_len=16, ffn_hidden=48, expert_hidden=16)
 
 
 def test_defaults_build_and_are_plain_structured_configs() -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from testkit.models import tiny_model
 
-from moe import ModelConfig, MoEConfig, MoETransformer, load_export, optimizer_param_groups, save_export
+from moe import ModelConfig, MoETransformer, load_export, optimizer_param_groups, save_export
 from moe.parallel import ALL_TO_ALL
 from moe.testing import run_distributed_test
 
@@ -26,9 +27,8 @@ COMM: dict[str, tuple[int, float]] = {}  # run -> (bytes sent, seconds) of rank 
 
 
 def tiny_config(backend: str) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=48,
-                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=24, backend=backend,
-                                     num_shared_experts=1, balance_loss_coef=0.01, z_loss_coef=0.001))
+    return tiny_model(n_heads=4, seq_len=16, ffn_hidden=48, expert_hidden=24, backend=backend, num_shared_experts=1,
+                      balance_loss_coef=0.01, z_loss_coef=0.001)
 
 
 def global_batches(config: ModelConfig) -> torch.Tensor:
@@ -123,7 +123,7 @@ def reload_at_ep2(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def dist_run(tmp_path_factory) -> Path:
+def dist_run(deepspeed_ops, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("moe_dist")
     run_distributed_test(_worker, str(out), world_size=WORLD)
     return out

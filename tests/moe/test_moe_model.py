@@ -3,6 +3,8 @@ generation (KV cache, padding, sampling, streaming), expert choice, exports."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import dataclasses
 import json
 import warnings
@@ -11,15 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import ModelConfig, MoEConfig, MoETransformer, load_export, save_export
+from testkit.models import tiny_model
+
+from moe import ModelConfig, MoETransformer, load_export, save_export
 from moe.experts import swiglu_experts
 
 
-def tiny(backend: str = "native", init_std: float = 0.02, **moe) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, seq_len=24, ffn_hidden=48,
-                       init_std=init_std,
-                       moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_hidden": 16, "backend": backend,
-                                        **moe}))
+tiny = partial(tiny_model, n_heads=4, seq_len=24, ffn_hidden=48, expert_hidden=16)
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
@@ -79,8 +79,8 @@ def test_dense_model_has_zero_router_losses() -> None:
     dict(top_k=2, expert_hidden=64),  # F > D: native weights its rows in the combine, not before w2
 ], ids=["k2", "k1", "k3_shared", "k2_roomy_capacity", "k2_wide_experts"])
 def test_backends_give_same_outputs_and_gradients(moe: dict) -> None:
-    native = build(tiny("native", **moe))
-    ds = MoETransformer(tiny("deepspeed", **moe))
+    native = build(tiny(backend="native", **moe))
+    ds = MoETransformer(tiny(backend="deepspeed", **moe))
     ds.load_canonical_state_dict(native.canonical_state_dict())
     idx = tokens(2, 24)
     ln, loss_n = native(idx, idx)
@@ -110,7 +110,7 @@ def test_grouped_mm_and_per_expert_loop_agree() -> None:
 
 
 def test_canonical_state_round_trip_and_same_seed_same_model() -> None:
-    a, b = build(tiny()), build(tiny("deepspeed"))
+    a, b = build(tiny()), build(tiny(backend="deepspeed"))
     sa, sb = a.canonical_state_dict(), b.canonical_state_dict()
     assert set(sa) == set(sb)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # a seed gives one model for every backend
@@ -183,7 +183,7 @@ PROMPTS = [[5, 9, 2, 33, 7, 1, 60], [11], [3, 3, 40, 22]]
 
 @pytest.mark.parametrize("backend", ["native", "deepspeed"])
 def test_greedy_with_cache_equals_without_and_batched_equals_alone(backend: str) -> None:
-    model = build(tiny(backend, init_std=0.2, num_shared_experts=1)).eval()
+    model = build(tiny(backend=backend, init_std=0.2, num_shared_experts=1)).eval()
     batched = model.generate(PROMPTS, max_new_tokens=8, temperature=0)
     for prompt, out in zip(PROMPTS, batched):
         assert out == naive_greedy(model, prompt, 8)
@@ -254,7 +254,7 @@ def test_expert_choice_is_not_causal_and_generation_says_so() -> None:
 
 @pytest.mark.parametrize("backend", ["native", "deepspeed"])
 def test_export_round_trip_without_pickle(tmp_path, backend: str) -> None:
-    model = build(tiny(backend, num_shared_experts=1, bias_update_rate=0.0)).eval()
+    model = build(tiny(backend=backend, num_shared_experts=1, bias_update_rate=0.0)).eval()
     tok = tmp_path / "tok.json"
     tok.write_text('{"version": "1.0"}')
     out = save_export(model, tmp_path / "export", tokenizer_file=tok)

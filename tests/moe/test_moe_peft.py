@@ -4,6 +4,8 @@ them from a DeepSpeed checkpoint and exports the same merged model as an offline
 
 from __future__ import annotations
 
+from functools import partial
+
 import json
 from pathlib import Path
 
@@ -11,19 +13,18 @@ import pytest
 import torch
 from moe.export import load_export_state
 
-from moe import (ModelConfig, MoEConfig, MoETransformer, PeftConfig, adapter_state_dict, apply_peft, load_adapter,
+from testkit.models import tiny_model
+
+from moe import (ModelConfig, MoETransformer, PeftConfig, adapter_state_dict, apply_peft, load_adapter,
                  load_export, merge_adapter, optimizer_param_groups, save_adapter, save_export)
 from moe.testing import run_distributed_test
 
 ALL_TARGETS = ["attention", "experts", "shared", "dense_ffn", "lm_head"]
 
 
-def tiny(backend: str = "native", **model) -> ModelConfig:
-    """Block 0 dense, block 1 MoE with a shared expert; untied lm_head (so every target exists)."""
-    return ModelConfig(**{"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "seq_len": 16,
-                          "ffn_hidden": 48, "tie_embeddings": False, **model},
-                       moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=16, backend=backend,
-                                     num_shared_experts=1, moe_every=2))
+# Block 0 dense, block 1 MoE with a shared expert; untied lm_head (so every target exists).
+tiny = partial(tiny_model, n_heads=4, seq_len=16, ffn_hidden=48, tie_embeddings=False, expert_hidden=16,
+               num_shared_experts=1, moe_every=2)
 
 
 def build(config: ModelConfig, seed: int = 0, ep: int = 1) -> MoETransformer:
@@ -120,7 +121,7 @@ def test_peft_applies_once_and_canonical_loads_go_before_it() -> None:
     ("top_layers", lambda name: name.startswith("layers.1.") or name == "norm.weight"),
 ])
 def test_freeze_mode_leaves_exactly_the_intended_params_trainable(backend: str, freeze: str, trainable) -> None:
-    model = build(tiny(backend))
+    model = build(tiny(backend=backend))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     counts = apply_peft(model, PeftConfig(freeze=freeze))
     intended = {n for n in before if trainable(n)}
@@ -135,7 +136,7 @@ def test_freeze_mode_leaves_exactly_the_intended_params_trainable(backend: str, 
 
 @pytest.mark.parametrize("backend", ["native", "deepspeed"])
 def test_lora_at_init_leaves_the_model_unchanged(backend: str) -> None:
-    model = build(tiny(backend))
+    model = build(tiny(backend=backend))
     expected, canonical = logits(model), model.canonical_state_dict()
     counts = apply_peft(model, PeftConfig(lora_rank=4, lora_targets=ALL_TARGETS))
     torch.testing.assert_close(logits(model), expected, atol=0, rtol=0)
@@ -149,7 +150,7 @@ def test_lora_at_init_leaves_the_model_unchanged(backend: str) -> None:
 
 @pytest.mark.parametrize("backend", ["native", "deepspeed"])
 def test_lora_trains_only_the_adapters(backend: str) -> None:
-    model = build(tiny(backend))
+    model = build(tiny(backend=backend))
     apply_peft(model, PeftConfig(lora_rank=4, lora_targets=ALL_TARGETS))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = train(model, steps=5)
@@ -175,7 +176,7 @@ def test_adapters_use_canonical_names_and_the_native_state_dict_deepspeed_expert
     prefix = "layers.1.ffn.experts.deepspeed_moe.experts.deepspeed_experts."
     assert sd[prefix + "3.w2.weight"].shape == (32, 16) and sd[prefix + "3.w2.lora_A"].shape == (4, 16)
     # the same seed gives the same adapters on the deepspeed backend
-    other = build(tiny("deepspeed"))
+    other = build(tiny(backend="deepspeed"))
     torch.manual_seed(3)
     apply_peft(other, PeftConfig(lora_rank=4, lora_targets=ALL_TARGETS))
     assert all(torch.equal(v, adapter_state_dict(other)[k]) for k, v in adapters.items())
@@ -183,7 +184,7 @@ def test_adapters_use_canonical_names_and_the_native_state_dict_deepspeed_expert
 
 @pytest.mark.parametrize("backend", ["native", "deepspeed"])
 def test_merged_export_adapter_files_and_state_dict_agree(backend: str, tmp_path: Path) -> None:
-    config, peft = tiny(backend), PeftConfig(lora_rank=4, lora_alpha=8.0, lora_targets=["attention", "experts"])
+    config, peft = tiny(backend=backend), PeftConfig(lora_rank=4, lora_alpha=8.0, lora_targets=["attention", "experts"])
     model = build(config)
     save_export(model, tmp_path / "base")
     apply_peft(model, peft)
@@ -248,7 +249,7 @@ def _engine(model: MoETransformer, zero_stage: int = 1):
 def _lora_run(backend: str, out: Path, rank: int) -> dict:
     """Train adapters at EP=2, write the adapter, the merged export and a DeepSpeed checkpoint,
     and restore that checkpoint into a fresh engine (optimizer state included)."""
-    model = build(tiny(backend), ep=2)
+    model = build(tiny(backend=backend), ep=2)
     save_export(model, out / "base")
     torch.manual_seed(3)
     apply_peft(model, DIST_PEFT)
@@ -264,7 +265,7 @@ def _lora_run(backend: str, out: Path, rank: int) -> dict:
     save_adapter(model, out / "adapter", DIST_PEFT, base_export_dir=out / "base")
     save_export(model, out / "merged_ep2")
     engine.save_checkpoint(str(out / "ckpt"), tag="t")
-    fresh = build(tiny(backend), seed=9, ep=2)
+    fresh = build(tiny(backend=backend), seed=9, ep=2)
     torch.manual_seed(4)
     apply_peft(fresh, DIST_PEFT)
     _engine(fresh).load_checkpoint(str(out / "ckpt"), tag="t")
@@ -306,7 +307,7 @@ def _dist_worker(out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def dist_run(tmp_path_factory) -> Path:
+def dist_run(deepspeed_ops, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("peft_dist")
     run_distributed_test(_dist_worker, str(out), world_size=2)
     return out
@@ -338,7 +339,7 @@ def test_expert_parallel_export_equals_the_offline_merge(dist_run: Path, backend
 
 @pytest.mark.parametrize("backend", ["native", "deepspeed"])
 def test_adapter_initialisation_does_not_depend_on_the_expert_parallel_size(dist_run: Path, backend: str) -> None:
-    model = build(tiny(backend))
+    model = build(tiny(backend=backend))
     torch.manual_seed(3)
     apply_peft(model, DIST_PEFT)
     initial = torch.load(dist_run / backend / "initial_adapters.pt")

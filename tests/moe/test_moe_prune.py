@@ -3,19 +3,22 @@ token reaches, which leaves the logits unchanged (both backends) and shrinks num
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from moe import ModelConfig, MoEConfig, MoETransformer, load_export, save_export
+from testkit.models import tiny_model
+
+from moe import MoETransformer, load_export, save_export
 from moe.prune import choose_experts, expert_usage, prune_export, prune_state
 
 D, F, E = 32, 16, 6
 UNUSED = [[4, 5], [0, 3]]  # per MoE layer: experts no token is routed to
 
 
-def tiny(**moe) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=D, n_layers=2, n_heads=4, seq_len=16, ffn_hidden=48, init_std=0.1,
-                       moe=MoEConfig(**{"num_experts": E, "top_k": 2, "expert_hidden": F, **moe}))
+tiny = partial(tiny_model, d_model=D, n_heads=4, seq_len=16, ffn_hidden=48, init_std=0.1, num_experts=E,
+               expert_hidden=F)
 
 
 def batches(n: int = 3) -> list[torch.Tensor]:

@@ -4,6 +4,8 @@ LoRA-adapted models quantize too, and the fp32 model (and the global RNG) are le
 
 from __future__ import annotations
 
+from functools import partial
+
 import warnings
 
 import pytest
@@ -11,19 +13,17 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
-from moe import ModelConfig, MoEConfig, MoETransformer, PeftConfig, apply_peft
+from testkit.models import tiny_model
+
+from moe import ModelConfig, MoETransformer, PeftConfig, apply_peft
 from moe.quantize import Int8Experts, model_size_bytes, quantize_int8
 
 E = 4
 
 
-def tiny(backend: str = "native", tie: bool = True, init_std: float = 0.1, **moe) -> ModelConfig:
-    """Block 0 dense, block 1 MoE with a shared expert. init_std 0.1: blocks move the logits a lot."""
-    return ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, seq_len=32, ffn_hidden=96,
-                       init_std=init_std,
-                       tie_embeddings=tie, moe=MoEConfig(**{"num_experts": E, "top_k": 2, "expert_hidden": 64,
-                                                            "moe_every": 2, "num_shared_experts": 1,
-                                                            "backend": backend, **moe}))
+# Block 0 dense, block 1 MoE with a shared expert. init_std 0.1: blocks move the logits a lot.
+tiny = partial(tiny_model, vocab_size=128, d_model=64, n_heads=4, ffn_hidden=96, init_std=0.1, num_experts=E,
+               expert_hidden=64, moe_every=2, num_shared_experts=1)
 
 
 def build(config: ModelConfig) -> MoETransformer:
@@ -49,7 +49,7 @@ def counting(n: int, seed: int) -> torch.Tensor:
 
 
 def trained(tie: bool) -> MoETransformer:
-    model = build(tiny(tie=tie, init_std=0.02)).train()
+    model = build(tiny(tie_embeddings=tie, init_std=0.02)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(30):
         idx = counting(8, step)
@@ -76,7 +76,7 @@ def test_int8_held_out_loss_and_predictions_stay_close_to_fp32(tie: bool) -> Non
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_every_linear_and_routed_expert_is_int8_and_the_original_is_untouched(tie: bool) -> None:
-    model = build(tiny(tie=tie))
+    model = build(tiny(tie_embeddings=tie))
     rng = torch.get_rng_state()
     q = quantize_int8(model)
     assert torch.equal(torch.get_rng_state(), rng)
@@ -94,7 +94,7 @@ def test_every_linear_and_routed_expert_is_int8_and_the_original_is_untouched(ti
 
 
 def test_generate_and_forward_run_and_the_model_shrinks() -> None:
-    model = build(tiny(tie=False))
+    model = build(tiny(tie_embeddings=False))
     q = quantize_int8(model)
     out = q.generate([[1, 2, 3], [4]], max_new_tokens=6, temperature=0)
     assert [len(o) for o in out] == [6, 6] and all(0 <= t < 128 for o in out for t in o)
@@ -107,7 +107,7 @@ def test_generate_and_forward_run_and_the_model_shrinks() -> None:
 
 
 def test_deepspeed_backend_quantizes_like_native() -> None:
-    native, deepspeed = build(tiny("native")), build(tiny("deepspeed"))
+    native, deepspeed = build(tiny(backend="native")), build(tiny(backend="deepspeed"))
     torch.testing.assert_close(logits_and_loss(deepspeed)[0], logits_and_loss(native)[0])  # same weights
     q = quantize_int8(deepspeed)
     assert q.config.moe.backend == "native"

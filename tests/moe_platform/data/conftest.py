@@ -1,11 +1,11 @@
-"""Fixtures of the data tests; helpers live in data_corpus.py."""
+"""Fixtures of the data tests; helpers live in testkit.datasets."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from data_corpus import write_corpus
+from testkit.datasets import write_corpus
 
 
 @pytest.fixture()

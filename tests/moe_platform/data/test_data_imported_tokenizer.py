@@ -6,7 +6,7 @@ import random
 
 import jinja2
 import pytest
-from data_corpus import prose
+from testkit.datasets import prose
 
 from moe_platform.data import DataError
 from moe_platform.data.config import DataConfig

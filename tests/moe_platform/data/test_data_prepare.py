@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_corpus import write_corpus, write_jsonl, write_parquet
+from testkit.datasets import write_corpus, write_jsonl, write_parquet
 from tokenizers import Tokenizer
 
 from moe_platform.data import DataConfig, DataError, Manifest

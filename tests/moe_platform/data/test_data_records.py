@@ -4,7 +4,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_corpus import write_jsonl, write_parquet
+from testkit.datasets import write_jsonl, write_parquet
 
 from moe_platform.data.manifest import Skip
 from moe_platform.data.records import Document, Instruction, RecordFormat, read_records

@@ -2,6 +2,7 @@
 import sysconfig
 
 import pytest
+from testkit.datasets import write_jsonl, write_parquet
 
 from moe_platform.data import DataConfig, DataError
 from moe_platform.data.config import DEFAULT_CORPUS_MAX_BYTES

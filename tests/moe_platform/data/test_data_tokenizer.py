@@ -1,6 +1,6 @@
 """Byte-level BPE: round-trip, special tokens, determinism, reuse checks."""
 import pytest
-from data_corpus import prose
+from testkit.datasets import prose
 from tokenizers import Tokenizer
 
 from moe_platform.data import DataError

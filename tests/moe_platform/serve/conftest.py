@@ -7,14 +7,14 @@ here unless Serve is already running), and deletes only its own application.
 from __future__ import annotations
 
 import pytest
-from serve_test_support import deploy_for_test, ensure_serve_port, tiny_model_config
+from testkit.serving import deploy_for_test, ensure_serve_port, tiny_serve_model
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> str:
     from moe_platform.serve.random_export import write_random_export
 
-    return write_random_export(str(tmp_path_factory.mktemp("export") / "tiny"), tiny_model_config(), seed=0)
+    return write_random_export(str(tmp_path_factory.mktemp("export") / "tiny"), tiny_serve_model(), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from serve_test_support import deploy_for_test
+from testkit.serving import deploy_for_test
 
 from moe_platform.serve.config import AutoscalingConfig
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from chat_test_support import write_chat_export
-from serve_test_support import API_KEY, deploy_for_test
+from testkit.serving import API_KEY, deploy_for_test
 
 C = "/v1/completions"
 CHAT = "/v1/chat/completions"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 from chat_test_support import write_chat_export
-from serve_test_support import API_KEY, deploy_for_test
+from testkit.serving import API_KEY, deploy_for_test
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "The quick brown"}]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from serve_test_support import API_KEY
+from testkit.serving import API_KEY
 
 from moe_platform.serve.client import CompletionsClient
 from moe_platform.serve.config import API_KEY_ENV, ServeConfig

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from serve_test_support import tiny_model_config
+from testkit.serving import tiny_serve_model
 
 from moe_platform.serve.engine import Engine, ExportError, GenerationJob, check_export, next_step
 from moe_platform.serve.protocol import SamplingParams
@@ -30,7 +30,7 @@ def engine(tiny_export) -> Engine:
 @pytest.fixture(scope="module")
 def expert_choice_engine(tmp_path_factory) -> Engine:
     directory = str(tmp_path_factory.mktemp("ec") / "export")
-    return Engine.load(write_random_export(directory, tiny_model_config(router="expert_choice"), seed=1))
+    return Engine.load(write_random_export(directory, tiny_serve_model(router="expert_choice"), seed=1))
 
 
 def run(engine: Engine, jobs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from serve_test_support import tiny_model_config
+from testkit.serving import tiny_serve_model as tiny_model_config
 from tokenizers import Tokenizer
 
 from moe_platform.serve.engine import Engine

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from serve_test_support import tiny_model_config
+from testkit.serving import tiny_serve_model as tiny_model_config
 
 from moe_platform.serve.engine import Engine, GenerationJob
 from moe_platform.serve.protocol import SamplingParams

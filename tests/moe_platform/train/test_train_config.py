@@ -6,7 +6,9 @@ import json
 import math
 
 import pytest
-from train_test_support import tiny_model, tiny_stage, write_dataset
+from testkit.datasets import write_dataset
+from testkit.models import tiny_model
+from testkit.training import tiny_stage
 
 from moe_platform.data import ManifestError
 from moe_platform.train import RunConfig, StageConfig, TrainConfigError, TrainerConfig

@@ -13,7 +13,9 @@ transformers = pytest.importorskip("transformers")
 
 from moe import load_export, load_export_config  # noqa: E402
 from moe_platform.train import train  # noqa: E402
-from train_test_support import SEQ_LEN, VOCAB_SIZE, tiny_stage, write_dataset  # noqa: E402
+from testkit.datasets import write_dataset  # noqa: E402
+from testkit.models import SEQ_LEN, VOCAB_SIZE  # noqa: E402
+from testkit.training import tiny_stage  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,16 @@ import os
 
 import pytest
 import torch
-from train_test_support import (
-    SEQ_LEN,
-    VOCAB_SIZE,
-    event_accumulator,
-    progression_rows,
-    read_json,
-    read_scalars,
-    tiny_model,
-    tiny_stage,
-    write_dataset,
-)
+from testkit.datasets import progression_rows, write_dataset
+from testkit.models import SEQ_LEN, VOCAB_SIZE, tiny_model
+from testkit.training import event_accumulator, read_json, read_scalars, tiny_stage
 
 from moe import load_export
 from moe.testing import run_distributed_test
 from moe_platform.train import StageConfig, TrainConfigError, build_trainer, train
 from moe_platform.train.checkpointing import incomplete_reason
+
+pytestmark = pytest.mark.slow  # every test here reads a 2-worker Ray Train run
 
 EP2 = dict(num_workers=2, expert_parallel_size=2, zero_stage=1, max_steps=12)
 
@@ -118,7 +112,6 @@ def test_export_loads_at_any_expert_parallel_size_with_equal_logits(ep2_run, tmp
     run_distributed_test(_ep2_logits, result.export_dir, expected_path, world_size=2)
 
 
-@pytest.mark.slow
 def test_killed_worker_resumes_onto_the_same_loss_curve(ep2_run, dataset, tmp_path):
     reference_stage, reference = ep2_run
     # The same run, except that a worker dies after step 9 (the last checkpoint was at step 6).
@@ -136,7 +129,6 @@ def test_killed_worker_resumes_onto_the_same_loss_curve(ep2_run, dataset, tmp_pa
         build_trainer(dataclasses.replace(stage, trainer=dataclasses.replace(stage.trainer, lr=0.5)))
 
 
-@pytest.mark.slow
 def test_next_stage_starts_from_an_export_with_a_loss_mask(ep2_run, tmp_path):
     """A finetuning-like stage: loss-masked rows, weights from the export, and - since exports do
     not depend on the backend - DeepSpeed's own MoE layer under ZeRO-2 this time."""

@@ -20,13 +20,9 @@ from moe_platform.train import DistillConfig, TaskConfig, TrainConfigError, prep
 from moe_platform.train.batches import DataPosition, MixtureBatches, TaskBatches
 from moe_platform.train.objective import kl_to_teacher
 from moe_platform.train.plan import load_manifest, make_plan
-from train_test_support import (
-    read_json,
-    read_scalars,
-    tiny_model,
-    tiny_stage,
-    write_dataset,
-)
+from testkit.datasets import write_dataset
+from testkit.models import tiny_model
+from testkit.training import read_json, read_scalars, tiny_stage
 from test_train_state import FakeShard, make_task
 
 
@@ -138,6 +134,7 @@ def mixture_run(ray_cluster, two_datasets, exports, tmp_path_factory):
     return stage, train(stage)
 
 
+@pytest.mark.slow
 def test_mixture_distillation_with_lora_finishes_after_a_restart(mixture_run):
     stage, result = mixture_run
     assert os.path.exists(os.path.join(stage.run.output_dir, ".failed_at_step_8"))
@@ -149,6 +146,7 @@ def test_mixture_distillation_with_lora_finishes_after_a_restart(mixture_run):
     assert drawn == 12  # every draw came from exactly one task, across the restart too
 
 
+@pytest.mark.slow
 def test_per_task_validation_and_distillation_terms_reach_tensorboard(mixture_run):
     _, result = mixture_run
     scalars = read_scalars(result.tensorboard_dir)
@@ -158,6 +156,7 @@ def test_per_task_validation_and_distillation_terms_reach_tensorboard(mixture_ru
     assert all(value > 0 for value in kd)
 
 
+@pytest.mark.slow
 def test_lora_stage_exports_merged_weights_and_adapters_apart(mixture_run, exports, tmp_path):
     from moe.peft import merge_adapter
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-from tune_test_support import sweep_base_stage  # noqa: F401  (first: makes moe_platform importable)
 
 from moe_platform.tune import ParamSpec, TuneConfig, TuneConfigError
 

@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 import pytest
-from tune_test_support import event_accumulator
+from testkit.training import event_accumulator
 
 from moe_platform.tune import ParamSpec
 from moe_platform.tune import hparams, results

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from tune_test_support import sweep_base_stage, write_dataset
+from testkit.datasets import write_dataset
+from testkit.training import sweep_base_stage
 
 from moe_platform.tune import ParamSpec, TuneConfig, TuneConfigError, prepare_sweep
 from moe_platform.tune.space import apply_params, field_type, hydra_override, param_space, typed_params
@@ -37,7 +38,8 @@ def test_apply_params_rebuilds_a_checked_stage(base_stage):
 
 
 def test_typed_params_turns_numpy_scalars_into_python():
-    np = pytest.importorskip("numpy")
+    import numpy as np
+
     values = typed_params({"trainer.lr": np.float64(0.01), "model.moe.top_k": np.int64(2)})
     assert values == {"trainer.lr": 0.01, "model.moe.top_k": 2}
     assert type(values["model.moe.top_k"]) is int

@@ -15,7 +15,8 @@ import os
 import time
 
 import pytest
-from tune_test_support import event_accumulator, sweep_base_stage, write_dataset
+from testkit.datasets import write_dataset
+from testkit.training import event_accumulator, sweep_base_stage
 
 from moe import load_export
 from moe_platform.tune import ParamSpec, TuneConfig, TuneConfigError, prepare_sweep, run_sweep

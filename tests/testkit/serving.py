@@ -1,26 +1,23 @@
-"""Helpers shared by the serving tests and tests/jobs/test_serve_job.py (imported by path there)."""
+"""The app deployed on the session's Ray Serve for a test: a unique name and route, loopback only."""
 from __future__ import annotations
 
 import socket
 import uuid
 from dataclasses import dataclass
 
+from moe import ModelConfig
 from moe_platform.serve.client import CompletionsClient
 from moe_platform.serve.config import AutoscalingConfig, ServeConfig
+from testkit.models import tiny_model
 
 API_KEY = "test-key-123"
 
 
-def tiny_model_config(router: str = "token_choice"):
-    """A 2-layer MoE with a 64-token context: a decoding step costs a few milliseconds."""
-    from moe import ModelConfig
-    from moe.config import MoEConfig
-
-    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, router=router,
-                    capacity_factor=1.0 if router == "expert_choice" else 0.0)  # fmt: skip
-    # Untied embeddings: a random tied model just repeats its input token, which tests little.
-    return ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, seq_len=64, ffn_hidden=64,
-                       tie_embeddings=False, moe=moe)  # fmt: skip
+def tiny_serve_model(router: str = "token_choice") -> ModelConfig:
+    """The tiny MoE with a 300-token vocabulary and a 64-token context: a decoding step costs a few
+    milliseconds. Untied embeddings: a random tied model just repeats its input token."""
+    return tiny_model(vocab_size=300, seq_len=64, tie_embeddings=False, router=router,
+                      capacity_factor=1.0 if router == "expert_choice" else 0.0)  # fmt: skip
 
 
 def ensure_serve_port() -> int:

@@ -1,29 +1,26 @@
-"""Helpers of the training tests: a tiny learnable dataset written to the data contract, tiny stages.
+"""Datasets the tests write themselves (nothing is downloaded): a tokenized dataset on the prepare
+job's contract, and small raw corpora for the data pipeline.
 
-The dataset follows the prepare job's contract (manifest.json, tokenizer.json,
-train/ and validation/ Parquet shards of seq_len + 1 tokens) without running
-the prepare job, so training tests depend only on the contract. Rows are
-arithmetic progressions modulo the vocabulary (token[i+1] = token[i] + stride),
-which a 2-layer model learns in tens of steps: a falling loss means learning.
+`write_dataset` follows the contract (manifest.json, tokenizer.json, train/ and validation/
+Parquet shards of seq_len + 1 tokens) without running the prepare job, so training tests
+depend only on the contract. Rows are arithmetic progressions modulo the vocabulary
+(token[i+1] = token[i] + stride), which a 2-layer model learns in tens of steps: a falling
+loss means learning.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-from typing import Optional
+import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moe import ModelConfig, MoEConfig
 from moe_platform.data import DocumentStats, Manifest, ShardInfo, SplitInfo, TokenizerInfo
-from moe_platform.train import InitConfig, RunConfig, StageConfig, TrainerConfig
-
-VOCAB_SIZE = 64
-SEQ_LEN = 32
+from testkit.models import SEQ_LEN, VOCAB_SIZE
 
 
 def write_tokenizer(path: str, vocab_size: int) -> str:
@@ -87,65 +84,49 @@ def write_dataset(
         documents=DocumentStats(read=train_rows + validation_rows, used=train_rows + validation_rows, skipped=[],
                                 tail_tokens_dropped={"train": 0, "validation": 0}),
         fingerprint=f"progressions-{seed}-{train_rows}-{validation_rows}-{seq_len}-{vocab_size}-{loss_mask}",
-        config={"source": "tests/moe_platform/train/train_test_support.py"},
+        config={"source": "tests/testkit/datasets.py"},
         created="2026-01-01T00:00:00Z",
         columns=columns,
     ).save(dataset_dir)
     return dataset_dir
 
 
-def tiny_model(*, backend: str = "native", num_experts: int = 4, top_k: int = 2, **overrides) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=VOCAB_SIZE, d_model=32, n_layers=2, n_heads=2, seq_len=SEQ_LEN, ffn_hidden=64,
-        moe=MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=32, backend=backend),
-        **overrides,
-    )
+# ---- raw corpora for the data pipeline (a few KB each: fast on 2 cores) -------------------------
+
+WORDS = (
+    "def class return import yield lambda tensor expert router token batch gradient layer "
+    "the of and to in is that for it with as on be at by this had not are but from or have"
+).split()
 
 
-def tiny_stage(
-    dataset_dir: str,
-    output_dir: str,
-    *,
-    model: Optional[ModelConfig] = None,
-    init_export_dir: Optional[str] = None,
-    max_failures: int = 0,
-    **trainer_overrides,
-) -> StageConfig:
-    """A stage that trains the tiny model for a few steps on 1 worker (override anything)."""
-    trainer = dict(
-        num_workers=1, micro_batch_size=8, lr=1e-2, warmup_steps=2, max_steps=12, log_every=2,
-        report_every=4, eval_every=6, eval_batches=2, checkpoint_every=6, shuffle_buffer_rows=64,
-    )
-    trainer.update(trainer_overrides)
-    return StageConfig(
-        model=model or tiny_model(),
-        dataset_dir=dataset_dir,
-        trainer=TrainerConfig(**trainer),
-        run=RunConfig(output_dir=output_dir, max_failures=max_failures, checkpoints_to_keep=3),
-        init=InitConfig(export_dir=init_export_dir),
-    )
+def prose(rng: random.Random, words: int) -> str:
+    lines, line = [], []
+    for _ in range(words):
+        line.append(rng.choice(WORDS))
+        if len(line) >= rng.randint(4, 12):
+            lines.append(" ".join(line))
+            line = []
+    lines.append(" ".join(line))
+    return "\n".join(lines) + "\n"
 
 
-def read_scalars(tensorboard_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value), ...]} from the run's event files, read by TensorBoard's own reader."""
-    accumulator = event_accumulator(tensorboard_dir)
-    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+def write_corpus(root: Path, *, files: int = 16, seed: int = 0) -> dict[str, str]:
+    """Text files of several types under root; returns {identity: text} of every document."""
+    rng = random.Random(seed)
+    documents = {}
+    for i in range(files):
+        ext = [".txt", ".md", ".py", ".rst"][i % 4]
+        identity = f"{'sub/' if i % 3 == 0 else ''}doc{i:02d}{ext}"
+        text = prose(rng, rng.randint(40, 160))
+        (root / identity).parent.mkdir(parents=True, exist_ok=True)
+        (root / identity).write_text(text, encoding="utf-8")
+        documents[identity] = text
+    return documents
 
 
-def event_accumulator(tensorboard_dir: str):
-    from tensorboard.backend.event_processing import event_accumulator as ea
-
-    accumulator = ea.EventAccumulator(
-        tensorboard_dir, size_guidance={ea.SCALARS: 0, ea.HISTOGRAMS: 0, ea.IMAGES: 0}
-    )
-    accumulator.Reload()
-    return accumulator
+def write_jsonl(path: Path, texts: list, field: str = "text") -> None:
+    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts), encoding="utf-8")
 
 
-def read_json(path: str) -> dict:
-    with open(path) as fh:
-        return json.load(fh)
-
-
-def replace_trainer(stage: StageConfig, **changes) -> StageConfig:
-    return dataclasses.replace(stage, trainer=dataclasses.replace(stage.trainer, **changes))
+def write_parquet(path: Path, column: str, values: list, type=pa.string()) -> None:
+    pq.write_table(pa.table({column: pa.array(values, type=type)}), path)
