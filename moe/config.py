@@ -12,10 +12,11 @@ The configs also know their own size: `num_params`, `num_active_params` and
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from .configs import from_dict
 
 BACKENDS = ("native", "deepspeed")
 ROUTERS = ("token_choice", "expert_choice")
@@ -261,19 +262,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Build from a nested dict such as `dataclasses.asdict(cfg)` or a config.json."""
-        d = dict(d)
-        moe = d.pop("moe", {}) or {}
-        _reject_unknown(cls, d, "model.")
-        _reject_unknown(MoEConfig, moe, "model.moe.")
-        return cls(**d, moe=MoEConfig(**moe))
-
-
-def _reject_unknown(cls: type, d: dict[str, Any], prefix: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{prefix}{unknown[0]} is not a known key (known: {', '.join(sorted(known))}).")
+        """Build from a nested dict such as `dataclasses.asdict(cfg)` or a config.json (moe.configs:
+        unknown keys refused, values coerced by their declared types, the key named)."""
+        return from_dict(cls, d, prefix="model.")
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:

@@ -8,8 +8,10 @@ key, before Ray starts. The same dataclass is built from the dict that
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Optional
+
+from moe.configs import from_dict, require
 
 # The environment variable that holds the API key when serve.api_key is unset.
 API_KEY_ENV = "MOE_SERVE_API_KEY"
@@ -28,18 +30,18 @@ class AutoscalingConfig:
     downscale_delay_s: float = 30.0
 
     def validate(self, prefix: str = "serve.autoscaling") -> None:
-        _require(self.min_replicas >= 0, f"{prefix}.min_replicas={self.min_replicas} must be >= 0")
-        _require(self.max_replicas >= 1, f"{prefix}.max_replicas={self.max_replicas} must be >= 1")
-        _require(
+        require(self.min_replicas >= 0, f"{prefix}.min_replicas={self.min_replicas} must be >= 0")
+        require(self.max_replicas >= 1, f"{prefix}.max_replicas={self.max_replicas} must be >= 1")
+        require(
             self.min_replicas <= self.max_replicas,
             f"{prefix}.min_replicas={self.min_replicas} must be <= {prefix}.max_replicas={self.max_replicas}",
         )
-        _require(
+        require(
             self.target_ongoing_requests > 0,
             f"{prefix}.target_ongoing_requests={self.target_ongoing_requests} must be > 0",
         )
-        _require(self.upscale_delay_s >= 0, f"{prefix}.upscale_delay_s={self.upscale_delay_s} must be >= 0")
-        _require(self.downscale_delay_s >= 0, f"{prefix}.downscale_delay_s={self.downscale_delay_s} must be >= 0")
+        require(self.upscale_delay_s >= 0, f"{prefix}.upscale_delay_s={self.upscale_delay_s} must be >= 0")
+        require(self.downscale_delay_s >= 0, f"{prefix}.downscale_delay_s={self.downscale_delay_s} must be >= 0")
 
     def to_ray(self) -> Dict[str, Any]:
         return asdict(self)
@@ -106,40 +108,40 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.autoscaling, dict):  # built from build_app's plain dict
             self.autoscaling = AutoscalingConfig(**self.autoscaling)
-        _require(bool(self.app_name), "serve.app_name must not be empty")
-        _require(self.route_prefix.startswith("/"), f"serve.route_prefix={self.route_prefix!r} must start with '/'")
-        _require(0 < self.port < 65536, f"serve.port={self.port} must be in 1..65535")
-        _require(self.api_key is None or len(self.api_key) > 0, "serve.api_key must not be empty (unset it instead)")
-        _require(self.max_batch_size >= 1, f"serve.max_batch_size={self.max_batch_size} must be >= 1")
-        _require(self.batch_wait_timeout_s >= 0, f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0")
-        _require(self.max_ongoing_requests >= 1, f"serve.max_ongoing_requests={self.max_ongoing_requests} must be >= 1")
-        _require(self.scheduler in SCHEDULERS,
+        require(bool(self.app_name), "serve.app_name must not be empty")
+        require(self.route_prefix.startswith("/"), f"serve.route_prefix={self.route_prefix!r} must start with '/'")
+        require(0 < self.port < 65536, f"serve.port={self.port} must be in 1..65535")
+        require(self.api_key is None or len(self.api_key) > 0, "serve.api_key must not be empty (unset it instead)")
+        require(self.max_batch_size >= 1, f"serve.max_batch_size={self.max_batch_size} must be >= 1")
+        require(self.batch_wait_timeout_s >= 0, f"serve.batch_wait_timeout_s={self.batch_wait_timeout_s} must be >= 0")
+        require(self.max_ongoing_requests >= 1, f"serve.max_ongoing_requests={self.max_ongoing_requests} must be >= 1")
+        require(self.scheduler in SCHEDULERS,
                  f"serve.scheduler={self.scheduler!r} must be one of {', '.join(SCHEDULERS)}")
-        _require(self.max_queued_requests >= 1, f"serve.max_queued_requests={self.max_queued_requests} must be >= 1")
-        _require(self.retry_after_s >= 1, f"serve.retry_after_s={self.retry_after_s} must be >= 1")
-        _require(self.max_tokens_limit >= 1, f"serve.max_tokens_limit={self.max_tokens_limit} must be >= 1")
-        _require(
+        require(self.max_queued_requests >= 1, f"serve.max_queued_requests={self.max_queued_requests} must be >= 1")
+        require(self.retry_after_s >= 1, f"serve.retry_after_s={self.retry_after_s} must be >= 1")
+        require(self.max_tokens_limit >= 1, f"serve.max_tokens_limit={self.max_tokens_limit} must be >= 1")
+        require(
             1 <= self.default_max_tokens <= self.max_tokens_limit,
             f"serve.default_max_tokens={self.default_max_tokens} must be in "
             f"1..serve.max_tokens_limit={self.max_tokens_limit}",
         )
-        _require(
+        require(
             self.max_prompts_per_request >= 1,
             f"serve.max_prompts_per_request={self.max_prompts_per_request} must be >= 1",
         )
-        _require(self.max_request_bytes >= 1024, f"serve.max_request_bytes={self.max_request_bytes} must be >= 1024")
-        _require(self.num_cpus >= 0, f"serve.num_cpus={self.num_cpus} must be >= 0")
-        _require(self.num_gpus >= 0, f"serve.num_gpus={self.num_gpus} must be >= 0")
-        _require(self.num_cpus > 0 or self.num_gpus > 0, "serve.num_cpus and serve.num_gpus must not both be 0")
-        _require(self.torch_threads >= 1, f"serve.torch_threads={self.torch_threads} must be >= 1")
-        _require(self.quantize in QUANTIZE_MODES,
+        require(self.max_request_bytes >= 1024, f"serve.max_request_bytes={self.max_request_bytes} must be >= 1024")
+        require(self.num_cpus >= 0, f"serve.num_cpus={self.num_cpus} must be >= 0")
+        require(self.num_gpus >= 0, f"serve.num_gpus={self.num_gpus} must be >= 0")
+        require(self.num_cpus > 0 or self.num_gpus > 0, "serve.num_cpus and serve.num_gpus must not both be 0")
+        require(self.torch_threads >= 1, f"serve.torch_threads={self.torch_threads} must be >= 1")
+        require(self.quantize in QUANTIZE_MODES,
                  f"serve.quantize={self.quantize!r} must be one of {', '.join(QUANTIZE_MODES)}")
-        _require(not (self.quantize == "int8" and self.num_gpus > 0),
+        require(not (self.quantize == "int8" and self.num_gpus > 0),
                  "serve.quantize=int8 is for CPU replicas (dynamic int8 kernels run on CPU); set serve.num_gpus=0")
-        _require(
+        require(
             self.health_check_period_s > 0, f"serve.health_check_period_s={self.health_check_period_s} must be > 0"
         )
-        _require(
+        require(
             self.health_check_timeout_s > 0, f"serve.health_check_timeout_s={self.health_check_timeout_s} must be > 0"
         )
         self.autoscaling.validate()
@@ -163,36 +165,6 @@ class ServeConfig:
 
     @classmethod
     def from_dict(cls, args: Dict[str, Any]) -> "ServeConfig":
-        """Build from plain `serve run key=value` / YAML args; unknown keys fail, naming the key."""
-        known = {f.name for f in fields(cls)}
-        for key in args:
-            _require(key in known, f"serve.{key} is not a serve config key (known: {', '.join(sorted(known))})")
-        values = {key: _coerce(cls, key, value) for key, value in args.items()}
-        return cls(**values)
-
-
-def _coerce(cls: type, key: str, value: Any) -> Any:
-    """`serve run app:build_app port=8000` passes every value as a string: convert by field type."""
-    if not isinstance(value, str):
-        return value
-    annotation = next(f.type for f in fields(cls) if f.name == key)
-    annotation = str(annotation)
-    if value.lower() in ("none", "null") and "Optional" in annotation:
-        return None
-    try:
-        if annotation.startswith("int") or annotation == "Optional[int]":
-            return int(value)
-        if annotation.startswith("float"):
-            return float(value)
-        if annotation.startswith("bool"):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1")
-    except ValueError:
-        raise ValueError(f"serve.{key}={value!r} is not a valid {annotation}") from None
-    return value
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+        """Build from plain `serve run key=value` / YAML args (every value may arrive as text):
+        moe.configs' reader refuses unknown keys and coerces by declared type, naming the key."""
+        return from_dict(cls, args, prefix="serve.", parse_strings=True)

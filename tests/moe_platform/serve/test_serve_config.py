@@ -33,9 +33,9 @@ def test_from_dict_types_string_args_like_serve_run_passes_them():
 
 
 def test_from_dict_rejects_unknown_keys_and_bad_values():
-    with pytest.raises(ValueError, match="serve.max_batch is not a serve config key"):
+    with pytest.raises(ValueError, match="serve.max_batch is not a known key"):
         ServeConfig.from_dict({"max_batch": 3})
-    with pytest.raises(ValueError, match="serve.port='http' is not a valid int"):
+    with pytest.raises(ValueError, match="serve.port takes int values, got 'http'"):
         ServeConfig.from_dict({"port": "http"})
 
 
