@@ -145,10 +145,11 @@ def load_export_config(export_dir: PathLike) -> ModelConfig:
 # -- special tokens ----------------------------------------------------------------------------
 
 def _token_text(value: Any) -> Optional[str]:
-    """tokenizer_config.json writes a token as a string or as {"content": ...} (an AddedToken)."""
+    """tokenizer_config.json writes a token as a string or as {"content": ...} (an AddedToken);
+    "" (some exports write bos_token "") means no such token, like null."""
     if isinstance(value, dict):
         value = value.get("content")
-    return value if isinstance(value, str) else None
+    return value if isinstance(value, str) and value else None
 
 
 def _token_ids(tokenizer_file: Path) -> dict[str, int]:

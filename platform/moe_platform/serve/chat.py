@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 from moe import safe_json
 from moe_platform.serve.protocol import (
+    check_fields,
     RequestLimits,
     SamplingParams,
     include_usage,
@@ -130,12 +131,7 @@ class ChatRequest:
 
 def parse_chat_request(data: Dict[str, Any], limits: RequestLimits) -> ChatRequest:
     """A parsed JSON body (protocol.parse_json_object) -> a validated chat request, or a 400."""
-    unknown = sorted(set(data) - _FIELDS)
-    if unknown:
-        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_field")
-    for name, is_no_op in _NO_OP_FIELDS.items():
-        if data.get(name) is not None and not is_no_op(data[name]):
-            raise invalid(f"{name}={data[name]!r} is not supported by this server", param=name, code="unsupported")
+    check_fields(data, _FIELDS, _NO_OP_FIELDS)
     if data.get("max_completion_tokens") is not None:
         if data.get("max_tokens") is not None:
             raise invalid("Send max_tokens or max_completion_tokens, not both", param="max_completion_tokens")

@@ -106,15 +106,21 @@ class CompletionRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk carries the usage
 
 
+def check_fields(data: Dict[str, Any], known: set, no_ops: Dict[str, Callable[[Any], bool]]) -> None:
+    """A 400 for a field this endpoint does not know, or an accepted no-op field set to something
+    this server would have to act on (e.g. n=2)."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_field")
+    for name, is_no_op in no_ops.items():
+        if data.get(name) is not None and not is_no_op(data[name]):
+            raise invalid(f"{name}={data[name]!r} is not supported by this server", param=name, code="unsupported")
+
+
 def parse_completion_request(body: bytes, limits: RequestLimits) -> CompletionRequest:
     """Raw request body -> a validated request, or APIError(400) naming the bad field."""
     data = parse_json_object(body)
-    unknown = sorted(set(data) - _FIELDS)
-    if unknown:
-        raise invalid(f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_field")
-    for name, is_no_op in _NO_OP_FIELDS.items():
-        if data.get(name) is not None and not is_no_op(data[name]):
-            raise invalid(f"{name}={data[name]!r} is not supported by this server", param=name, code="unsupported")
+    check_fields(data, _FIELDS, _NO_OP_FIELDS)
     stream = optional_bool(data, "stream", False)
     return CompletionRequest(
         model=optional_str(data, "model"),

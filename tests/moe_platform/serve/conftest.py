@@ -17,6 +17,25 @@ def tiny_export(tmp_path_factory) -> str:
     return write_random_export(str(tmp_path_factory.mktemp("export") / "tiny"), tiny_serve_model(), seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """As in a replica. Two threads on a busy 2-core box spin-wait on each other (seen: 400x slower)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_export, one_torch_thread):
+    """The tiny export's serving engine, in this process (no Ray), on one torch thread."""
+    from moe_platform.serve.engine import Engine
+
+    return Engine.load(tiny_export)
+
+
 @pytest.fixture(scope="session")
 def serve_port(ray_cluster) -> int:
     return ensure_serve_port()

@@ -11,20 +11,6 @@ from moe_platform.serve.random_export import write_random_export
 PROMPTS = ["hello world", "The quick brown fox jumps over", "a", "def main():\n    print("]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """As in a replica. Two threads on a busy 2-core box spin-wait on each other (seen: 400x slower)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_export) -> Engine:
-    return Engine.load(tiny_export)
 
 
 @pytest.fixture(scope="module")

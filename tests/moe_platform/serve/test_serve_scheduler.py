@@ -11,19 +11,6 @@ from moe_platform.serve.random_export import write_random_export
 PROMPTS = ["hello world", "The quick brown fox jumps over", "a", "def main():\n    print(", "Ray", "东京"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_export) -> Engine:
-    return Engine.load(tiny_export)
 
 
 def job(engine, prompt, **params) -> GenerationJob:
