@@ -151,6 +151,9 @@ class ModelConfig:
     n_kv_heads: Optional[int] = None
     """Key/value heads (grouped-query attention: each serves n_heads / n_kv_heads query heads);
     None means n_heads (plain multi-head attention)."""
+    attention_head_dim: Optional[int] = None
+    """Width of each attention head; None means d_model / n_heads. Real Qwen3-MoE checkpoints set
+    it wider (128 at d_model 2048 with 32 heads): q projects to n_heads * head_dim, o back to d_model."""
     qkv_bias: bool = False
     """A bias on the query, key and value projections (Qwen2)."""
     qk_norm: bool = False
@@ -175,10 +178,12 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "init_std"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive.")
-        if self.d_model % self.n_heads:
+        if self.attention_head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}.")
+        if self.attention_head_dim is not None and self.attention_head_dim < 1:
+            raise ValueError(f"model.attention_head_dim={self.attention_head_dim} must be at least 1 (or null).")
         if self.head_dim % 2:
-            raise ValueError(f"model.d_model / model.n_heads = {self.head_dim} must be even for rotary embeddings.")
+            raise ValueError(f"the attention head width {self.head_dim} must be even for rotary embeddings.")
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must be at least 1 and divide "
                              f"model.n_heads={self.n_heads}.")
@@ -187,7 +192,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attention_head_dim or self.d_model // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        """Output size of the query projection (input size of the output projection)."""
+        return self.n_heads * self.head_dim
 
     @property
     def kv_heads(self) -> int:
@@ -220,7 +230,7 @@ class ModelConfig:
 
     def _block_matmul_params(self, i: int, active: bool) -> int:
         d, m = self.d_model, self.moe
-        attn = 2 * d * d + 2 * d * self.kv_dim
+        attn = 2 * d * self.q_dim + 2 * d * self.kv_dim
         if not self.is_moe_layer(i):
             return attn + 3 * d * self.ffn_hidden
         experts = m.top_k if active else m.num_experts
@@ -229,7 +239,7 @@ class ModelConfig:
 
     def _attention_vector_params(self) -> int:
         """Per block: the q/k/v biases and the per-head q/k norms (not matmul parameters)."""
-        return (self.d_model + 2 * self.kv_dim) * self.qkv_bias + 2 * self.head_dim * self.qk_norm
+        return (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + 2 * self.head_dim * self.qk_norm
 
     def _count(self, active: bool) -> int:
         d, v = self.d_model, self.vocab_size
@@ -253,10 +263,11 @@ class ModelConfig:
     def flops_per_token(self) -> int:
         """Training FLOPs (forward + backward) per token at seq_len context:
         6 * active matmul parameters (lm_head included, embedding lookup not) plus
-        12 * n_layers * d_model * seq_len for attention scores (PaLM appendix B, no causal discount)."""
+        12 * n_layers * (n_heads * head_dim) * seq_len for attention scores (PaLM appendix B, no causal
+        discount)."""
         matmul = sum(self._block_matmul_params(i, active=True) for i in range(self.n_layers))
         matmul += self.vocab_size * self.d_model  # lm_head
-        return 6 * matmul + 12 * self.n_layers * self.d_model * self.seq_len
+        return 6 * matmul + 12 * self.n_layers * self.q_dim * self.seq_len
 
     # -- (de)serialisation -------------------------------------------------------------------
 

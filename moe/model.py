@@ -75,12 +75,12 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        d, kv = config.d_model, config.kv_dim
+        d, q, kv = config.d_model, config.q_dim, config.kv_dim
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
-        self.wq = nn.Linear(d, d, bias=config.qkv_bias)
+        self.wq = nn.Linear(d, q, bias=config.qkv_bias)
         self.wk = nn.Linear(d, kv, bias=config.qkv_bias)
         self.wv = nn.Linear(d, kv, bias=config.qkv_bias)
-        self.wo = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(q, d, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
 
@@ -100,7 +100,7 @@ class Attention(nn.Module):
             k, v = kv.update(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, D))
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):

@@ -3,7 +3,7 @@
     tok_emb.weight                          (V, D)
     layers.{i}.attn_norm.weight             (D,)
     layers.{i}.attn.{wq,wo}.weight          (D, D)
-    layers.{i}.attn.{wk,wv}.weight          (KV*Hd, D)  KV = n_kv_heads
+    layers.{i}.attn.{wk,wv}.weight          (KV*Hd, D)  KV = n_kv_heads (wq: (H*Hd, D), wo: (D, H*Hd))
     layers.{i}.attn.{wq,wk,wv}.bias         (D,) / (KV*Hd,)   only with qkv_bias
     layers.{i}.attn.{q,k}_norm.weight       (Hd,)       only with qk_norm
     layers.{i}.ffn_norm.weight              (D,)
@@ -48,11 +48,11 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(config.n_layers):
         p = f"layers.{i}."
         shapes[p + "attn_norm.weight"] = (d,)
-        kv = config.kv_dim
-        shapes.update({p + "attn.wq.weight": (d, d), p + "attn.wk.weight": (kv, d), p + "attn.wv.weight": (kv, d),
-                       p + "attn.wo.weight": (d, d)})
+        q, kv = config.q_dim, config.kv_dim
+        shapes.update({p + "attn.wq.weight": (q, d), p + "attn.wk.weight": (kv, d), p + "attn.wv.weight": (kv, d),
+                       p + "attn.wo.weight": (d, q)})
         if config.qkv_bias:
-            shapes.update({p + "attn.wq.bias": (d,), p + "attn.wk.bias": (kv,), p + "attn.wv.bias": (kv,)})
+            shapes.update({p + "attn.wq.bias": (q,), p + "attn.wk.bias": (kv,), p + "attn.wv.bias": (kv,)})
         if config.qk_norm:
             shapes.update({p + "attn.q_norm.weight": (config.head_dim,), p + "attn.k_norm.weight": (config.head_dim,)})
         shapes[p + "ffn_norm.weight"] = (d,)

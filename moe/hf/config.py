@@ -160,13 +160,12 @@ def from_hf_config(d: dict[str, Any], file: str) -> tuple[ModelConfig, str]:
         raise r.fail("model_type", f"={model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
     _refuse_unsupported(r, model_type)
     hidden, heads = r.get("hidden_size", int), r.get("num_attention_heads", int)
-    if heads < 1 or hidden % heads:
+    head_dim = r.get("head_dim", int, None)  # explicit: may differ from hidden / heads (Qwen3-MoE)
+    if heads < 1 or (head_dim is None and hidden % heads):
         raise r.fail("num_attention_heads", f"={heads} does not divide hidden_size={hidden}")
-    head_dim = r.get("head_dim", int, hidden // heads)
-    if head_dim != hidden // heads:
-        raise r.fail("head_dim", f"={head_dim} differs from hidden_size / num_attention_heads (not supported)")
+    wider = head_dim if head_dim is not None and heads * head_dim != hidden else None
     base = dict(vocab_size=r.get("vocab_size", int), d_model=hidden, n_layers=r.get("num_hidden_layers", int),
-                n_heads=heads, n_kv_heads=r.get("num_key_value_heads", int, heads),
+                n_heads=heads, n_kv_heads=r.get("num_key_value_heads", int, heads), attention_head_dim=wider,
                 seq_len=r.get("max_position_embeddings", int), rope_theta=_rope_theta(r),
                 norm_eps=r.get("rms_norm_eps", float, 1e-6), init_std=r.get("initializer_range", float, 0.02),
                 tie_embeddings=r.get("tie_word_embeddings", bool, model_type == "ernie4_5_moe"),

@@ -23,6 +23,8 @@ CASES = {
     "ernie4_5_moe": ModelConfig(**BASE, n_kv_heads=2, moe=MoEConfig(
         num_experts=4, top_k=2, expert_hidden=16, num_shared_experts=1, bias_update_rate=0.01, moe_every=2)),
     # routed_scale (default top_k) lives in the experts' down projections: 3 is not a power of two.
+    "qwen3_moe_wide_heads": ModelConfig(**BASE, n_kv_heads=2, qk_norm=True, attention_head_dim=16, moe=MoEConfig(
+        num_experts=4, top_k=2, expert_hidden=16)),
     "mixtral_routed_scale": ModelConfig(**BASE, moe=MoEConfig(num_experts=4, top_k=3, expert_hidden=16)),
     "llama": ModelConfig(**BASE, n_kv_heads=2, moe=MoEConfig(moe_every=0)),
     "qwen2": ModelConfig(**BASE, qkv_bias=True, moe=MoEConfig(moe_every=0)),
@@ -56,7 +58,7 @@ def test_transformers_loads_our_export_with_equal_logits_and_greedy_text(case, t
     ours = random_model(CASES[case])
     save_export(ours, tmp_path / "export", tokenizer_file=tiny_tokenizer(tmp_path / "tokenizer.json"))
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["model_type"] == case.split("_top1")[0].split("_routed")[0] and export_blocker(ours.config) is None
+    assert config["model_type"] == case.split("_top1")[0].split("_routed")[0].split("_wide")[0] and export_blocker(ours.config) is None
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     idx = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -25,6 +25,9 @@ def _configs():
                                       decoder_sparse_step=2, norm_topk_prob=False),
         "qwen3_moe": t.Qwen3MoeConfig(**COMMON, **moe, num_experts=4, decoder_sparse_step=1, head_dim=8,
                                       norm_topk_prob=True),
+        # Real Qwen3-MoE checkpoints have heads wider than hidden_size / num_attention_heads.
+        "qwen3_moe_wide_heads": t.Qwen3MoeConfig(**COMMON, **moe, num_experts=4, decoder_sparse_step=1,
+                                                 head_dim=16, norm_topk_prob=True),
         "ernie4_5_moe": t.Ernie4_5_MoeConfig(**COMMON, moe_num_experts=4, moe_k=2, moe_intermediate_size=16,
                                              moe_num_shared_experts=1, moe_layer_start_index=0,
                                              moe_layer_interval=2, tie_word_embeddings=True),
