@@ -75,16 +75,16 @@ def check_export(directory: PathLike, key: str, *, need_tokenizer: bool = True) 
     """The export's ModelConfig, or ExportError naming `key` (e.g. "serve.export_dir") and the
     problem in one line. Reads no tensor data beyond the headers' shapes."""
     d = Path(directory)
+    if not d.is_dir():
+        raise ExportError(f"{key}={str(directory)!r} is not a directory")
     try:
-        if not d.is_dir():
-            raise ExportError(f"{d} is not a directory")
         config, layout = _read_config(d)
         read_weights(d, _file_shapes(config, layout))  # headers only: missing files, pickles, shapes
         if need_tokenizer and not (d / TOKENIZER_FILE).is_file():
             raise ExportError(f"{d} has no {TOKENIZER_FILE}")
         return config
     except ValueError as exc:
-        raise ExportError(f"{key}={directory} is not a usable export: {exc}") from None
+        raise ExportError(f"{key}={directory} is not an export: {exc}") from None
 
 
 def export_tokenizer(export_dir: PathLike) -> Optional[Path]:

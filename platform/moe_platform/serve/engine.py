@@ -283,7 +283,7 @@ def check_export(export_dir: str) -> None:
         if special_tokens(export_dir).eos is None:
             raise ExportError("its tokenizer has no eos token (tokenizer_config.json eos_token)")
     except ValueError as exc:
-        raise ExportError(f"serve.export_dir={export_dir} is not a usable export: {exc}") from None
+        raise ExportError(f"serve.export_dir={export_dir} is not an export: {exc}") from None
 
 
 def _special_id(tokenizer: Any, token: str) -> int:
