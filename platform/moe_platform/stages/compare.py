@@ -44,9 +44,12 @@ def parse_entry(entry: str) -> tuple[str, bool]:
     """'dir' or 'dir+int8' -> (absolute dir, int8?); the directory must be an export."""
     int8 = entry.endswith(INT8_SUFFIX)
     export_dir = os.path.abspath(entry[: -len(INT8_SUFFIX)] if int8 else entry)
-    from moe.export import check_export
+    from moe.export import ExportError, check_export
 
-    check_export(export_dir, f"evaluate.compare entry {entry}")
+    try:
+        check_export(export_dir, "evaluate.compare")
+    except ExportError as exc:
+        raise ExportError(f"evaluate.compare entry {entry!r} is not an export ({exc})") from None
     return export_dir, int8
 
 
