@@ -95,8 +95,9 @@ class ServeConfig:
     num_gpus: float = 0.0
     torch_threads: int = 1
     # Weights as served: "none" (as exported, fp32) or "int8" - dynamic int8 quantization of the
-    # linear layers and routed experts (moe.quantize), for CPU replicas: smaller and faster
-    # per token, at a small held-out loss change (benchmarks/compression.py records both).
+    # linear layers and routed experts (moe.quantize), for CPU replicas: 0.36x the weights at a
+    # +0.0002 held-out loss, but NOT faster per token at the default model's size (0.89x at
+    # batch 1, benchmarks/RESULTS.md, compression).
     quantize: str = "none"
     # Health checks: Serve calls check_health every period and restarts a replica that fails.
     health_check_period_s: float = 10.0
