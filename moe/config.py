@@ -26,7 +26,7 @@ ROUTERS = ("token_choice", "expert_choice")
 class MoEConfig:
     """The mixture-of-experts feed-forward layers (``model.moe.*``)."""
 
-    # The defaults are the recipe benchmarks/moe_vs_dense.py chose (benchmarks/RESULTS.md, "MoE vs
+    # The defaults are the recipe the MoE-vs-dense study chose (benchmarks/RESULTS.md, "MoE vs
     # dense"): fine-grained experts (16 of width 128, 4 per token: the active FLOPs and the total
     # parameters of 8 experts of width 256 with top-2), their output summed (routed_scale = top_k)
     # and a balance loss of 0.05.
