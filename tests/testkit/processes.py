@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,10 @@ def run_job(script: str, *args: str, env: dict | None = None, cwd: Path | None =
                     f"--- stdout\n{tail(expired.stdout)}\n--- stderr\n{tail(expired.stderr)}", pytrace=False)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class RunningJob:
     """A job started with Popen whose stdout+stderr a thread drains into `lines` (a job whose pipe
     fills up blocks in write() and looks hung). Every wait has a timeout that kills the job and
@@ -48,8 +53,11 @@ class RunningJob:
 
     def __init__(self, command: list[str], env: dict | None = None, cwd: Path | None = None):
         self.command = command
+        # SIGINT at its default in the child: a suite started in the background by a non-interactive
+        # shell inherits SIGINT *ignored*, Python then installs no KeyboardInterrupt handler, and a
+        # job told to stop with Ctrl-C (the tests' SIGINT) would serve on until the timeout.
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=env, cwd=cwd)  # fmt: skip
+                                        env=env, cwd=cwd, preexec_fn=_default_sigint)  # fmt: skip
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._drained = False
