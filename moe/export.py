@@ -186,9 +186,19 @@ def special_tokens(directory: PathLike) -> SpecialTokens:
 
 
 def read_chat_template(directory: PathLike) -> Optional[str]:
+    """The Jinja source of a directory's chat template (tokenizer_config.json's "chat_template"),
+    or None when it has none. The named-templates form, [{"name": "default", "template": ...}, ...],
+    gives its "default" template; anything else that is not a string is an ExportError."""
     path = Path(directory) / TOKENIZER_CONFIG_FILE
-    template = _read_json(path).get("chat_template") if path.is_file() else None
-    return template if isinstance(template, str) else None
+    source = _read_json(path).get("chat_template") if path.is_file() else None
+    if isinstance(source, list):
+        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+        source = named.get("default")
+        if source is None:
+            raise ExportError(f"{path}: chat_template is a list of named templates without a 'default' one")
+    if source is not None and not isinstance(source, str):
+        raise ExportError(f"{path}: chat_template must be a string (or a list with a 'default' template)")
+    return source
 
 
 # -- writing -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from moe import safe_json
+from moe.export import TOKENIZER_CONFIG_FILE, ExportError, read_chat_template, special_tokens
 from moe_platform.serve.protocol import (
     check_fields,
     RequestLimits,
@@ -31,7 +31,6 @@ from moe_platform.serve.protocol import (
     sampling_params,
 )
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
 ROLES = ("system", "developer", "user", "assistant")
 MAX_MESSAGES = 256
 
@@ -88,33 +87,18 @@ def _raise_exception(message: str) -> None:
 
 
 def load_chat_template(export_dir: str) -> Optional[ChatTemplate]:
-    """The export's chat template, or None when its tokenizer_config.json has none (or is absent)."""
-    path = os.path.join(export_dir, TOKENIZER_CONFIG)
-    if not os.path.isfile(path):
-        return None
+    """The export's chat template (moe.export reads it), or None when it has none."""
     try:
-        config = safe_json.load_file(path)
-    except safe_json.JSONInputError as exc:
+        source = read_chat_template(export_dir)
+        if source is None:
+            return None
+        tokens = special_tokens(export_dir)
+    except ExportError as exc:
         raise ChatTemplateError(str(exc)) from None
-    if not isinstance(config, dict) or config.get("chat_template") is None:
-        return None
-    source = config["chat_template"]
-    if isinstance(source, list):  # the named-templates form: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-        source = named.get("default")
-    if not isinstance(source, str):
-        raise ChatTemplateError(f"{path}: chat_template must be a string (or a list with a 'default' template)")
     try:
-        return ChatTemplate(source, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")))
+        return ChatTemplate(source, tokens.bos or "", tokens.eos or "")
     except ChatTemplateError as exc:
-        raise ChatTemplateError(f"{path}: {exc}") from None
-
-
-def _token_text(token: Any) -> str:
-    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
-    if isinstance(token, dict):
-        token = token.get("content")
-    return token if isinstance(token, str) else ""
+        raise ChatTemplateError(f"{os.path.join(export_dir, TOKENIZER_CONFIG_FILE)}: {exc}") from None
 
 
 # ---- requests ------------------------------------------------------------------------------
