@@ -27,6 +27,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 # next poll, and so does the end of every run. Tests run dozens of short runs: poll faster.
 # Set before ray.init so that every Ray worker (Tune trials drive Train runs too) inherits it.
 TRAIN_POLL_INTERVAL_S = "0.25"
+# Serve replicas and handles push autoscaling metrics every 10 s by default, so a scaling decision
+# waits tens of seconds for data; the autoscaling tests use a 3 s look-back window over 0.5 s pushes.
+SERVE_METRIC_PUSH_INTERVAL_S = "0.5"
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +45,8 @@ def ray_cluster(deepspeed_ops):
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
+    for pusher in ("REPLICA", "HANDLE"):
+        os.environ.setdefault(f"RAY_SERVE_{pusher}_AUTOSCALING_METRIC_PUSH_INTERVAL_S", SERVE_METRIC_PUSH_INTERVAL_S)
     context = ray.init(
         address="local",
         num_cpus=4,

@@ -34,6 +34,6 @@ def test_ranks_waiting_on_a_stale_build_lock_fail_naming_the_lock(tmp_path, monk
     lock.touch()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # inherited by the spawned ranks
     assert torch_extension_locks() == [str(lock)]
-    with pytest.raises(TimeoutError, match=rf"rank\(s\) \[0, 1\] still running after 30 s; torch_extensions build "
+    with pytest.raises(TimeoutError, match=rf"rank\(s\) \[0, 1\] still running after 10 s; torch_extensions build "
                                            rf"lock\(s\) {lock} exist"):
-        run_distributed_test(_nothing, world_size=2, timeout_s=30)
+        run_distributed_test(_nothing, world_size=2, timeout_s=10)

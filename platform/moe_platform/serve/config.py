@@ -28,6 +28,9 @@ class AutoscalingConfig:
     target_ongoing_requests: float = 8.0
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 30.0
+    # The window Serve averages the ongoing requests over before deciding (Ray's default): it must
+    # exceed the interval replicas push their metrics at (RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s).
+    look_back_period_s: float = 30.0
 
     def validate(self, prefix: str = "serve.autoscaling") -> None:
         require(self.min_replicas >= 0, f"{prefix}.min_replicas={self.min_replicas} must be >= 0")
@@ -42,6 +45,7 @@ class AutoscalingConfig:
         )
         require(self.upscale_delay_s >= 0, f"{prefix}.upscale_delay_s={self.upscale_delay_s} must be >= 0")
         require(self.downscale_delay_s >= 0, f"{prefix}.downscale_delay_s={self.downscale_delay_s} must be >= 0")
+        require(self.look_back_period_s > 0, f"{prefix}.look_back_period_s={self.look_back_period_s} must be > 0")
 
     def to_ray(self) -> Dict[str, Any]:
         return asdict(self)

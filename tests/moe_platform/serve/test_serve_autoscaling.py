@@ -53,7 +53,7 @@ def test_a_sustained_load_scales_to_two_replicas_and_idle_scales_back_to_one(ray
     from ray import serve
 
     scaling = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2,
-                                upscale_delay_s=1.0, downscale_delay_s=3.0)  # fmt: skip
+                                upscale_delay_s=1.0, downscale_delay_s=3.0, look_back_period_s=3.0)  # fmt: skip
     served = deploy_for_test(tiny_export, serve_port, autoscaling=scaling, max_batch_size=4)
     name = served.config.app_name
     try:
