@@ -17,7 +17,8 @@ and writes <out>/results.json and <out>/curves.png (held-out loss against tokens
     python jobs/prepare.py data.input=~/prose data.dataset_dir=outputs/prose      # any corpus
     python benchmarks/moe_vs_dense.py --dataset-dir outputs/prose --seeds 0 1 2 --steps 200 600
 
-Runs are resumable: a finished run (its export exists) is read back, not retrained. The box
+Runs are resumable: a finished run (its export exists) is read back, not retrained, when its
+config is the one asked for (else it stops naming the difference); `--only dense` trains a subset. The box
 should be otherwise idle for the wall-clock column; the loss columns do not depend on load.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ def run_one(name: str, overrides: list[str], seed: int, steps: int, args) -> dic
     from jobs.common import compose_config
     from jobs.pretrain import pretrain_stage
     from moe_platform.train import evaluate_export, train
+    from moe_platform.train.trainer import claim_output_dir, with_absolute_paths
 
     output_dir = os.path.join(args.out, f"{name}_steps{steps}_seed{seed}")
     config = compose_config([
@@ -60,8 +62,13 @@ def run_one(name: str, overrides: list[str], seed: int, steps: int, args) -> dic
     ])
     export_dir = os.path.join(output_dir, "export")
     started = time.time()
-    if not os.path.isfile(os.path.join(export_dir, "config.json")):
-        train(pretrain_stage(config))
+    stage = pretrain_stage(config)
+    if os.path.isfile(os.path.join(export_dir, "config.json")):
+        # A finished run is read back only if it was trained with this config (a changed default
+        # recipe must not be compared under its old numbers): TrainConfigError names the first difference.
+        claim_output_dir(with_absolute_paths(stage))
+    else:
+        train(stage)
     report = evaluate_export(export_dir, args.dataset_dir, split="validation")
     curve = validation_curve(os.path.join(output_dir, "tensorboard"))
     tokens_per_step = config.trainer.samples_per_step * config.model.seq_len
@@ -160,6 +167,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="'name: key=value ...' trained beside dense and the default moe")
     parser.add_argument("--common", nargs="*", default=[], help="overrides applied to every run")
+    parser.add_argument("--only", nargs="+", default=None, help="train and report only these variants (names)")
     args = parser.parse_args()
     args.dataset_dir, args.out = os.path.abspath(args.dataset_dir), os.path.abspath(args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -169,6 +177,11 @@ def main() -> None:
 
     default = compose_config([f"data.dataset_dir={args.dataset_dir}", *args.common])
     variants = [("dense", dense_overrides(default)), ("moe", []), *map(parse_variant, args.variant)]
+    if args.only:
+        unknown = set(args.only) - {name for name, _ in variants}
+        if unknown:
+            parser.error(f"--only {' '.join(sorted(unknown))}: not a variant (dense, moe or a --variant name)")
+        variants = [(name, overrides) for name, overrides in variants if name in args.only]
     init_ray()
     results = []
     for steps in args.steps:
