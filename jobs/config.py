@@ -13,7 +13,7 @@ from typing import List
 from hydra.core.config_store import ConfigStore
 
 from moe import ModelConfig
-from moe.peft import PeftConfig
+from moe.peft_config import PeftConfig
 from moe_platform.data import DataConfig
 from moe_platform.serve.config import ServeConfig
 from moe_platform.stages.config import PipelineConfig, PruneConfig, UpcycleConfig

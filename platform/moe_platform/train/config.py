@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 
 from moe import ModelConfig
 from moe.configs import ConfigError, from_dict, require
-from moe.peft import PeftConfig
+from moe.peft_config import PeftConfig
 
 PRECISIONS = ("auto", "fp32", "bf16")
 ZERO_STAGES = (0, 1, 2)
