@@ -51,6 +51,7 @@ class GenerationSummary:
     generated_tokens: int = 0
     seconds: float = 0.0
     first_errors: List[str] = field(default_factory=list)
+    replicas_used: set = field(default_factory=set)  # the actors that generated this run's parts
 
     @property
     def tokens_per_s(self) -> float:
@@ -60,7 +61,7 @@ class GenerationSummary:
         lines = [f"output     {self.output}: {self.parts} parts ({self.parts_done_before} already complete), "
                  f"{self.rows:,} input rows",
                  f"this run   {self.records:,} rows, {self.generated_tokens:,} tokens in {self.seconds:.1f} s "
-                 f"({self.tokens_per_s:.1f} tokens/s)"]
+                 f"({self.tokens_per_s:.1f} tokens/s) on {len(self.replicas_used)} replica(s)"]
         if self.errors:
             lines.append(f"WARNING: {self.errors} row(s) not generated (see the `error` column), e.g. "
                          + "; ".join(self.first_errors))
@@ -171,6 +172,7 @@ def _generate(settings: GenerateConfig, todo: List[Chunk], summary: GenerationSu
     dataset.context.enable_progress_bars = False  # the driver logs its own progress line
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for part in batch.to_pylist():
+            summary.replicas_used.add(part["replica"])
             summary.records += part["records"]
             summary.errors += part["errors"]
             summary.generated_tokens += part["generated_tokens"]

@@ -136,6 +136,9 @@ class GenerateReplica:
         self.engine = Engine.load(self.settings.export_dir, device=self.settings.device,
                                   quantize=self.settings.quantize)  # fmt: skip
         self.scheduler = self.engine.scheduler(num_slots=self.settings.num_slots)
+        import ray
+
+        self.replica_id = ray.get_runtime_context().get_actor_id() or "driver"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         summaries = [self.run_chunk(Chunk(**description)) for description in batch.to_pylist()]
@@ -148,6 +151,6 @@ class GenerateReplica:
         write_part(table, storage.join(self.output, chunk.part))
         errors = [f"{i}: {e}" for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist()) if e]
         generated = sum(n for n in table.column("num_generated_tokens").to_pylist() if n)
-        return {"part": chunk.part, "rows": chunk.num_rows, "records": table.num_rows, "errors": len(errors),
+        return {"part": chunk.part, "replica": self.replica_id, "rows": chunk.num_rows, "records": table.num_rows, "errors": len(errors),
                 "first_error": errors[0] if errors else "", "generated_tokens": generated,
                 "seconds": time.perf_counter() - started}

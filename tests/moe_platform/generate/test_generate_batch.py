@@ -1,0 +1,107 @@
+"""Batch generation on the session's Ray: a replica pool over real files, and a killed job rerun."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from testkit.processes import environment_without_ray, run_job, start_job
+
+from moe_platform.data import DataError
+from moe_platform.generate.batch import run_generation
+from moe_platform.generate.config import GenerateConfig
+from moe_platform.serve.engine import GenerationJob
+from moe_platform.serve.protocol import SamplingParams
+
+WORDS = ["hello", "world", "fox", "Ray", "expert", "the", "café", "main", "def", "token"]
+
+
+def prompts(count: int, start: int = 0) -> list[str]:
+    return [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(1 + i % 5)) for i in range(start, start + count)]
+
+
+def write_input(root: Path) -> dict[str, str]:
+    """200 .jsonl prompts and 60 .parquet ones: {row id: prompt}."""
+    root.mkdir()
+    jsonl = prompts(200)
+    (root / "a.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in jsonl))
+    parquet = prompts(60, start=200)
+    pq.write_table(pa.table({"prompt": parquet}), root / "b.parquet", row_group_size=16)
+    return {**{f"a.jsonl:{i + 1}": p for i, p in enumerate(jsonl)}, **{f"b.parquet#{i}": p for i, p in enumerate(parquet)}}
+
+
+def read_output(output: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(part) for part in sorted(output.glob("part-*.parquet"))])
+
+
+def test_two_replicas_over_hundreds_of_prompts_equal_each_prompt_generated_alone(ray_cluster, tiny_export, engine,
+                                                                                  tmp_path):
+    expected_prompts = write_input(tmp_path / "in")
+    settings = GenerateConfig(export_dir=tiny_export, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                              max_tokens=4, replicas=2, num_cpus_per_replica=0.5, num_slots=8, rows_per_part=40)
+    summary = run_generation(settings)
+    assert (summary.parts, summary.parts_done_before, summary.rows, summary.records, summary.errors) == (7, 0, 260,
+                                                                                                         260, 0)
+    table = read_output(tmp_path / "out")
+    assert dict(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist())) == expected_prompts
+    alone = engine.scheduler(num_slots=1)
+    for row in table.to_pylist():
+        job = GenerationJob(tuple(engine.encode(row["prompt"])), SamplingParams(max_tokens=4, temperature=0.0))
+        assert (row["generated_text"], row["finish_reason"], row["num_generated_tokens"]) == alone.run([job])[0]
+    assert len(summary.replicas_used) == 2
+    assert summary.generated_tokens == sum(table.column("num_generated_tokens").to_pylist()) > 0
+    # The same settings again: every part is complete, nothing is generated.
+    again = run_generation(settings)
+    assert (again.parts_done_before, again.records) == (7, 0)
+    # Other sampling settings into the same directory would mix two generations: refused.
+    with pytest.raises(DataError, match=r"generate.output=.* different generation \(settings: max_tokens changed\)"):
+        run_generation(GenerateConfig(**{**settings.to_dict(), "max_tokens": 5}))
+
+
+@pytest.mark.slow
+def test_a_killed_job_rerun_completes_every_row_exactly_once(job_env, tiny_export, tmp_path):
+    expected_prompts = write_input(tmp_path / "in")
+    output = tmp_path / "out"
+    args = [f"generate.export_dir={tiny_export}", f"generate.input={tmp_path / 'in'}", f"generate.output={output}",
+            "generate.max_tokens=24", "generate.rows_per_part=4", "generate.num_cpus_per_replica=0.5",
+            "generate.num_slots=2"]
+    job = start_job("generate", *args, env=job_env)
+    deadline = time.monotonic() + 240
+    while not list(output.glob("part-*.parquet")):
+        assert job.process.poll() is None, job.output(40)
+        assert time.monotonic() < deadline, job.output(40)
+        time.sleep(0.2)
+    job.kill()
+    done = len(list(output.glob("part-*.parquet")))
+    assert 1 <= done < 65, "the job must be killed part-way"
+
+    rerun = run_job("generate", *args, env=job_env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"65 parts ({done} already complete), 260 input rows" in rerun.stdout
+    table = read_output(output)
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(expected_prompts) and len(ids) == len(set(ids))  # every row once
+    assert table.column("error").null_count == table.num_rows
+    assert not list(output.glob("*.tmp"))
+
+
+def test_bad_input_fails_before_ray_with_one_line(tiny_export, tmp_path):
+    (tmp_path / "q.jsonl").write_text('{"question": "q"}\n')
+    env = environment_without_ray()
+    cases = [
+        ([f"generate.export_dir={tiny_export}", f"generate.output={tmp_path / 'o'}"], "generate.input is required"),
+        ([f"generate.export_dir={tmp_path}", f"generate.input={tmp_path / 'q.jsonl'}", f"generate.output={tmp_path}"],
+         "generate.export_dir"),
+        ([f"generate.export_dir={tiny_export}", f"generate.input={tmp_path / 'q.jsonl'}",
+          f"generate.output={tmp_path / 'o'}", "generate.max_tokens=8"], "has no 'prompt' field"),
+        ([f"generate.export_dir={tiny_export}", f"generate.input={tmp_path / 'q.jsonl'}",
+          f"generate.output={tmp_path / 'o'}", "generate.max_tokens=64"], "does not fit the export's context of 64"),
+        (["generate.temperature=3"], "generate.temperature must be in [0, 2]"),
+    ]
+    for args, message in cases:
+        result = run_job("generate", *args, env=env, timeout=120)
+        assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
