@@ -34,6 +34,8 @@ from moe_platform.generate.metrics import METRICS, TaskScores, score
 log = logging.getLogger(__name__)
 
 OVERALL = "overall"
+METRIC_TITLES = {"exact_match": "exact match (%)", "f1": "token F1 (%)", "rouge_l": "ROUGE-L F (%)",
+                 "bleu": "BLEU (corpus)"}
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,8 @@ def plot_task_metrics(axes: Sequence[Any], results: Sequence[Tuple[str, Sequence
             values = {row.task: getattr(row, metric) for row in rows}
             axis.bar([t + (k - (len(results) - 1) / 2) * width for t in range(len(tasks))],
                      [values.get(task, 0.0) for task in tasks], width=width, label=label)
-        axis.set_title(metric.replace("_", " ") + " (%)", fontsize=10)
+        axis.set_title(METRIC_TITLES[metric], fontsize=10)
+        axis.set_ylim(0, 100)
         axis.set_xticks(range(len(tasks)))
         axis.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
     axes[0].legend(fontsize=8)

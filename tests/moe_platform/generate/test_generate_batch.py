@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from testkit.processes import environment_without_ray, run_job, start_job
 
-from moe_platform.data import DataError
+from moe_platform.data import DataConfig, DataError
+from moe_platform.data.prepare import prepare_dataset
 from moe_platform.generate.batch import run_generation
 from moe_platform.generate.config import GenerateConfig
 from moe_platform.serve.engine import GenerationJob
@@ -37,28 +38,48 @@ def read_output(output: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(part) for part in sorted(output.glob("part-*.parquet"))])
 
 
-def test_two_replicas_over_hundreds_of_prompts_equal_each_prompt_generated_alone(ray_cluster, tiny_export, engine,
-                                                                                  tmp_path):
-    expected_prompts = write_input(tmp_path / "in")
-    settings = GenerateConfig(export_dir=tiny_export, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+@pytest.fixture(scope="module")
+def generated(ray_cluster, tiny_export, tmp_path_factory):
+    """One run of a 2-replica pool over 260 prompts in two files: (settings, summary, {row id: prompt})."""
+    root = tmp_path_factory.mktemp("generated")
+    expected_prompts = write_input(root / "in")
+    settings = GenerateConfig(export_dir=tiny_export, input=str(root / "in"), output=str(root / "out"),
                               max_tokens=4, replicas=2, num_cpus_per_replica=0.5, num_slots=8, rows_per_part=40)
-    summary = run_generation(settings)
+    return settings, run_generation(settings), expected_prompts
+
+
+def test_two_replicas_over_hundreds_of_prompts_equal_each_prompt_generated_alone(generated, engine):
+    settings, summary, expected_prompts = generated
     assert (summary.parts, summary.parts_done_before, summary.rows, summary.records, summary.errors) == (7, 0, 260,
                                                                                                          260, 0)
-    table = read_output(tmp_path / "out")
+    assert len(summary.replicas_used) == 2
+    table = read_output(Path(settings.output))
     assert dict(zip(table.column("id").to_pylist(), table.column("prompt").to_pylist())) == expected_prompts
     alone = engine.scheduler(num_slots=1)
     for row in table.to_pylist():
         job = GenerationJob(tuple(engine.encode(row["prompt"])), SamplingParams(max_tokens=4, temperature=0.0))
         assert (row["generated_text"], row["finish_reason"], row["num_generated_tokens"]) == alone.run([job])[0]
-    assert len(summary.replicas_used) == 2
     assert summary.generated_tokens == sum(table.column("num_generated_tokens").to_pylist()) > 0
-    # The same settings again: every part is complete, nothing is generated.
+
+
+def test_a_rerun_finds_every_part_complete_and_other_settings_are_refused(generated):
+    settings, _, _ = generated
     again = run_generation(settings)
     assert (again.parts_done_before, again.records) == (7, 0)
     # Other sampling settings into the same directory would mix two generations: refused.
     with pytest.raises(DataError, match=r"generate.output=.* different generation \(settings: max_tokens changed\)"):
         run_generation(GenerateConfig(**{**settings.to_dict(), "max_tokens": 5}))
+
+
+def test_the_output_is_instruction_data_for_prepare(generated, tiny_export, tmp_path):
+    """Sequence-level distillation: a teacher's generations are a student's finetuning set."""
+    settings, _, _ = generated
+    table = read_output(Path(settings.output))
+    usable = sum(1 for text in table.column("generated_text").to_pylist() if text.strip())
+    config = DataConfig(input=settings.output, kind="instruction", response_field="generated_text",
+                        dataset_dir=str(tmp_path / "ds"), tokenizer=f"{tiny_export}/tokenizer.json", seq_len=32)
+    manifest = prepare_dataset(config).manifest
+    assert manifest.documents.used == usable > 0
 
 
 @pytest.mark.slow
