@@ -67,10 +67,11 @@ def task_sets_from_datasets(tasks: Sequence[Tuple[str, str]], split: str, max_ex
     sets = []
     for name, dataset_dir in tasks:
         manifest = Manifest.load(dataset_dir, check_files=False)
-        config = DataConfig(**manifest.config)
-        if config.kind != "instruction":
-            log.info("task %s: %s is a text dataset (no references): perplexity only", name, dataset_dir)
+        if manifest.config.get("kind") != "instruction":
+            log.info("task %s: %s is not an instruction dataset (no references): perplexity only", name, dataset_dir)
             continue
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        config = DataConfig(**{key: value for key, value in manifest.config.items() if key in known})
         keep = _in_split(split, config.validation_fraction, config.split_seed)
         sets.append(_task_set(name, find_input(config).files, RecordFormat.of(config), config.prompt_template,
                               max_examples, keep))
@@ -87,9 +88,16 @@ def task_sets_for(evaluate: Any, data: DataConfig, tasks: Sequence[Any]) -> List
         return task_sets_from_files(evaluate.task_input, prompt_field=data.prompt_field,
                                     response_field=data.response_field, prompt_template=data.prompt_template,
                                     max_examples=evaluate.task_examples)  # fmt: skip
-    datasets = [(task.name, task.dataset_dir) for task in tasks] or \
-        [(os.path.basename(data.dataset_dir.rstrip("/")) or "task", data.dataset_dir)]
+    datasets = [(task.name, task.dataset_dir) for task in tasks] or [(_dataset_name(data.dataset_dir), data.dataset_dir)]
     return task_sets_from_datasets(datasets, evaluate.split, evaluate.task_examples)
+
+
+def _dataset_name(dataset_dir: str) -> str:
+    """outputs/finetune/dataset -> "finetune"; outputs/qa -> "qa"."""
+    parts = [part for part in dataset_dir.rstrip("/").split("/") if part]
+    if len(parts) > 1 and parts[-1] == "dataset":
+        return parts[-2]
+    return parts[-1] if parts else "task"
 
 
 def _in_split(split: str, validation_fraction: float, split_seed: int):
