@@ -6,8 +6,8 @@ The driver plans deterministic chunks of the input (inputs.plan_chunks), leaves 
 whose part already exists (a part is written under a temporary name and renamed, so one that
 exists is complete: a killed job rerun with the same settings does only the rest, and no row
 twice), and streams the others through Ray Data to a fixed pool of `GenerateReplica` actors
-(`map_batches(..., concurrency=replicas)`, each asking for num_cpus/num_gpus_per_replica, so
-the pool spreads over a cluster and queues where resources are short). Each actor reads,
+(`map_batches` with `ActorPoolStrategy(size=replicas)`; each actor asks for
+num_cpus/num_gpus_per_replica, so the pool spreads over a cluster). Each actor reads,
 generates and writes whole chunks; the driver sees one summary row per chunk and logs the
 progress (rows done / total, generated tokens/s).
 
@@ -162,7 +162,7 @@ def _generate(settings: GenerateConfig, todo: List[Chunk], summary: GenerationSu
         fn_constructor_kwargs={"settings": settings.to_dict(), "output": settings.output},
         batch_size=1,  # one chunk per call: the unit of progress and of retry
         batch_format="pyarrow",
-        concurrency=min(settings.replicas, len(todo)),
+        compute=ray.data.ActorPoolStrategy(size=min(settings.replicas, len(todo))),  # a fixed pool
         num_cpus=settings.num_cpus_per_replica,
         num_gpus=settings.num_gpus_per_replica or None,
     )
