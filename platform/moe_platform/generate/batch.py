@@ -92,8 +92,11 @@ def _resolved(settings: GenerateConfig) -> GenerateConfig:
     for key in ("input", "output"):
         if not getattr(settings, key):
             raise DataError(f"generate.{key} is required (generate.{key}=<path>)")
-    return replace(settings, export_dir=storage.absolute(settings.export_dir),
-                   input=storage.absolute(settings.input), output=storage.absolute(settings.output))  # fmt: skip
+    input, output = storage.absolute(settings.input), storage.absolute(settings.output)
+    if (output.rstrip("/") + "/").startswith(input.rstrip("/") + "/"):
+        # A rerun would read the parts as prompts.
+        raise DataError(f"generate.output={output} is inside generate.input={input}: choose a directory outside it")
+    return replace(settings, export_dir=storage.absolute(settings.export_dir), input=input, output=output)
 
 
 def _check_export(settings: GenerateConfig) -> None:

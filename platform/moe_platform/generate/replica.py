@@ -8,14 +8,14 @@ all through `Scheduler.run` (continuous batching: a finished row's slot takes th
 once) and writes the chunk's part atomically. It returns one small summary row per chunk,
 which is all the driver ever holds, so memory stays flat however large the input.
 
-`generate_texts` is the same path without Ray or files, for evaluation and tests.
+`generate_rows` is that path without Ray or files (tests call it directly).
 """
 from __future__ import annotations
 
 import io
 import time
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -108,13 +108,6 @@ def generate_rows(engine: Any, scheduler: Any, rows: Sequence[PromptRow], settin
     return pa.table(columns, schema=PART_SCHEMA)
 
 
-def generate_texts(engine: Any, prompts: Sequence[str], settings: GenerateConfig) -> List[Tuple[Optional[str], Optional[str]]]:
-    """(generated text or None, error or None) per prompt, in this process (evaluation, tests)."""
-    rows = [PromptRow(id=str(i), index=i, prompt=p) for i, p in enumerate(prompts)]
-    table = generate_rows(engine, engine.scheduler(num_slots=settings.num_slots), rows, settings)
-    return list(zip(table.column("generated_text").to_pylist(), table.column("error").to_pylist()))
-
-
 def write_part(table: pa.Table, location: str) -> None:
     """Write to a temporary name, then rename: a part that exists is complete."""
     buffer = io.BytesIO()
@@ -126,6 +119,7 @@ class GenerateReplica:
     """The Ray Data actor: one model replica; `__call__` generates whole chunks."""
 
     def __init__(self, settings: Dict[str, Any], output: str) -> None:
+        import ray
         import torch
 
         from moe_platform.serve.engine import Engine
@@ -136,8 +130,6 @@ class GenerateReplica:
         self.engine = Engine.load(self.settings.export_dir, device=self.settings.device,
                                   quantize=self.settings.quantize)  # fmt: skip
         self.scheduler = self.engine.scheduler(num_slots=self.settings.num_slots)
-        import ray
-
         self.replica_id = ray.get_runtime_context().get_actor_id() or "driver"
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -120,6 +120,8 @@ def test_bad_input_fails_before_ray_with_one_line(tiny_export, tmp_path):
           f"generate.output={tmp_path / 'o'}", "generate.max_tokens=8"], "has no 'prompt' field"),
         ([f"generate.export_dir={tiny_export}", f"generate.input={tmp_path / 'q.jsonl'}",
           f"generate.output={tmp_path / 'o'}", "generate.max_tokens=64"], "does not fit the export's context of 64"),
+        ([f"generate.export_dir={tiny_export}", f"generate.input={tmp_path}", f"generate.output={tmp_path / 'o'}",
+          "generate.max_tokens=8"], "is inside generate.input"),
         (["generate.temperature=3"], "generate.temperature must be in [0, 2]"),
     ]
     for args, message in cases:

@@ -82,3 +82,17 @@ def test_evaluate_compares_exports_on_a_mixtures_tasks_one_row_per_task(job_env,
     assert [[t["task"] for t in row["tasks"]] for row in rows] == [["qa", "echo", "overall"]] * 2
     assert all(t["examples"] == 4 for row in rows for t in row["tasks"][:2])
     assert chart.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_evaluate_one_export_adds_task_metrics_to_its_report(job_env, task_datasets, tiny_export, tmp_path):
+    import shutil
+
+    export = shutil.copytree(tiny_export, tmp_path / "export")
+    result = run_job("evaluate", f"evaluate.export_dir={export}", f"data.dataset_dir={task_datasets['qa']}",
+                     "evaluate.task_examples=3", "evaluate.task_max_tokens=4", env=job_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((export / "evaluation_validation.json").read_text())
+    assert [(t["task"], t["examples"]) for t in report["tasks"]] == [("qa", 3)]
+    assert (export / "task_metrics_validation.png").stat().st_size > 0
+    assert "exact_match" in result.stdout and "perplexity" in result.stdout
