@@ -128,3 +128,27 @@ def test_bad_input_fails_before_ray_with_one_line(tiny_export, tmp_path):
         result = run_job("generate", *args, env=env, timeout=120)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
+
+
+def test_a_seeded_row_generates_what_the_http_server_answers(ray_cluster, tiny_export, engine):
+    """The promise of the seed column, checked against the real server: same prompt, parameters, seed."""
+    from ray import serve
+    from testkit.serving import deploy_for_test, ensure_serve_port
+
+    from moe_platform.generate.inputs import PromptRow
+    from moe_platform.generate.replica import generate_rows
+
+    sampling = {"temperature": 1.0, "top_p": 0.9, "top_k": 20, "max_tokens": 10}
+    rows = [PromptRow(f"f:{i}", i, prompt, sampling={**sampling, "seed": 40 + i})
+            for i, prompt in enumerate(["hello world", "The quick brown fox", "Ray"])]
+    table = generate_rows(engine, engine.scheduler(num_slots=4), rows, GenerateConfig(export_dir=tiny_export))
+    served = deploy_for_test(tiny_export, ensure_serve_port())
+    try:
+        client = served.client()
+        for row, text in zip(rows, table.column("generated_text").to_pylist()):
+            reply = client.complete(prompt=row.prompt, seed=row.sampling["seed"], **sampling)
+            assert reply.status == 200, reply.body
+            assert reply.body["choices"][0]["text"] == text
+    finally:
+        serve.delete(served.config.app_name)
+    assert len(set(table.column("generated_text").to_pylist())) == 3
