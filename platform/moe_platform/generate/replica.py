@@ -28,7 +28,7 @@ from moe_platform.serve.protocol import APIError, RequestLimits, check_context, 
 # The columns of every part: ray.data.llm's processor names (prompt -> generated_text, token
 # counts, finish_reason), plus what makes a part useful downstream: the row id, the reference
 # (task evaluation), the seed used (reproduction) and why a row was not generated (`error`;
-# its generated_text is null, so prepare skips it with that reason instead of training on it).
+# its generated_text is null, so prepare skips the row instead of training on it).
 PART_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("prompt", pa.string()),
