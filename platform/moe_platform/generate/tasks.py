@@ -72,9 +72,12 @@ def task_sets_from_datasets(tasks: Sequence[Tuple[str, str]], split: str, max_ex
             continue
         known = {f.name for f in dataclasses.fields(DataConfig)}
         config = DataConfig(**{key: value for key, value in manifest.config.items() if key in known})
+        try:
+            files = find_input(config).files
+        except DataError as exc:
+            raise DataError(f"task {name}: cannot read the records {dataset_dir} was prepared from ({exc})") from None
         keep = _in_split(split, config.validation_fraction, config.split_seed)
-        sets.append(_task_set(name, find_input(config).files, RecordFormat.of(config), config.prompt_template,
-                              max_examples, keep))
+        sets.append(_task_set(name, files, RecordFormat.of(config), config.prompt_template, max_examples, keep))
     return sets
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from testkit.processes import run_job
 
-from moe_platform.data import DataConfig
+from moe_platform.data import DataConfig, DataError
 from moe_platform.data.packing import assign_split
 from moe_platform.data.prepare import prepare_dataset
 from moe_platform.generate.tasks import (evaluate_tasks, format_task_table, task_sets_from_datasets,
@@ -54,6 +54,21 @@ def test_each_dataset_of_a_mixture_gives_its_held_out_records_rendered_as_in_tra
     assert rows[2].examples == rows[0].examples + rows[1].examples
     assert all(0 <= row.f1 <= 100 and 0 <= row.bleu <= 100 for row in rows)
     assert [line.split()[0] for line in format_task_table(rows).splitlines()[2:]] == ["qa", "echo", "overall"]
+
+
+def test_a_dataset_whose_source_is_gone_or_without_references_is_said_so(task_datasets, tmp_path):
+    import shutil
+
+    moved = shutil.copytree(task_datasets["qa"], tmp_path / "qa")
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["config"]["input"] = str(tmp_path / "gone.jsonl")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"task qa: cannot read the records .*qa was prepared from \(data.input: "
+                                        r".*gone.jsonl does not exist\)"):
+        task_sets_from_datasets([("qa", str(moved))], "validation")
+    manifest["config"]["kind"] = "text"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    assert task_sets_from_datasets([("qa", str(moved))], "validation") == []
 
 
 def test_task_input_files_are_one_task_each(tmp_path):
