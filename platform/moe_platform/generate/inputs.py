@@ -146,31 +146,29 @@ def _line_starts(location: str, every: int) -> tuple[List[int], int, int]:
 def _check_first_record(file: SourceFile, prompt_field: str) -> None:
     """The first record decides whether the file is prompts at all: a file of other records is
     one clear error here, not a part full of per-row errors later."""
-    for number, value, problem in _leading_values(file.location):
-        if problem is not None:
-            return  # a bad line is that row's problem, reported in the output
-        if isinstance(value, dict) and prompt_field not in value:
-            raise DataError(f"generate.input: {file.location} line {number} has no {prompt_field!r} field "
-                            f"(generate.prompt_field; its fields: {', '.join(map(str, value)) or 'none'})")
-        return
-    raise DataError(f"generate.input: {file.location} has no records")
+    first = _first_value(file.location)
+    if first is None:
+        raise DataError(f"generate.input: {file.location} has no records")
+    number, value, problem = first
+    if problem is None and isinstance(value, dict) and prompt_field not in value:
+        raise DataError(f"generate.input: {file.location} line {number} has no {prompt_field!r} field "
+                        f"(generate.prompt_field; its fields: {', '.join(map(str, value)) or 'none'})")
+    # A first line that is not JSON is that row's problem, reported in the output.
 
 
-def _leading_values(location: str) -> Iterator[tuple[int, Any, Optional[str]]]:
-    """The first complete non-blank line's value (reading blocks until one is complete)."""
+def _first_value(location: str) -> Optional[tuple[int, Any, Optional[str]]]:
+    """(line number, value, problem) of the first non-blank line, reading blocks until it is
+    complete; None for a file without one."""
     fs, path = storage.filesystem(location)
     data = b""
     with fs.open_input_stream(path) as stream:
         while True:
             block = stream.read(SCAN_BLOCK_BYTES)
             data += block
-            complete, _, _ = data.rpartition(b"\n")
-            if not block:
-                complete = data
-            values = list(jsonl_values(complete))
-            if values or not block:
-                yield from values[:1]
-                return
+            complete = data.rpartition(b"\n")[0] if block else data
+            first = next(jsonl_values(complete), None)
+            if first is not None or not block:
+                return first
 
 
 # ---- in a replica ----------------------------------------------------------------------------
