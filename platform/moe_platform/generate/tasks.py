@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 from moe_platform.data.config import DataConfig, render_prompt
 from moe_platform.data.errors import DataError
@@ -30,6 +30,9 @@ from moe_platform.data.packing import assign_split
 from moe_platform.data.records import RecordFormat, read_records
 from moe_platform.data.sources import SourceFile
 from moe_platform.generate.metrics import METRICS, TaskScores, score
+
+if TYPE_CHECKING:
+    from moe_platform.train.config import EvaluateConfig, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,6 @@ class TaskSet:
     name: str
     prompts: Tuple[str, ...]  # rendered with the prompt template
     references: Tuple[str, ...]
-    source: str  # where the examples came from
 
 
 def task_sets_from_files(location: str, *, prompt_field: str = "prompt", response_field: str = "response",
@@ -81,7 +83,7 @@ def task_sets_from_datasets(tasks: Sequence[Tuple[str, str]], split: str, max_ex
     return sets
 
 
-def task_sets_for(evaluate: Any, data: DataConfig, tasks: Sequence[Any]) -> List[TaskSet]:
+def task_sets_for(evaluate: EvaluateConfig, data: DataConfig, tasks: Sequence[TaskConfig]) -> List[TaskSet]:
     """The task sets evaluate.* selects (EvaluateConfig's task_* keys): task_input's files, else
     the mixture's `tasks`, else data.dataset_dir; [] when task metrics are off or the data has
     no references."""
@@ -119,7 +121,7 @@ def _task_set(name: str, files: List[SourceFile], record_format: RecordFormat, p
                 references.append(record.response)
     if not prompts:
         raise DataError(f"task {name}: no usable prompt/response records in {', '.join(f.location for f in files)}")
-    return TaskSet(name, tuple(prompts), tuple(references), source=", ".join(f.location for f in files))
+    return TaskSet(name, tuple(prompts), tuple(references))
 
 
 def _task_name(file: SourceFile) -> str:
@@ -201,7 +203,3 @@ def plot_task_metrics(axes: Sequence[Any], results: Sequence[Tuple[str, Sequence
         axis.set_xticks(range(len(tasks)))
         axis.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
     axes[0].legend(fontsize=8)
-
-
-def scores_to_dicts(rows: Sequence[TaskScores]) -> List[dict]:
-    return [dataclasses.asdict(row) for row in rows]
