@@ -11,14 +11,15 @@ num_cpus/num_gpus_per_replica, so the pool spreads over a cluster). Each actor r
 generates and writes whole chunks; the driver sees one summary row per chunk and logs the
 progress (rows done / total, generated tokens/s).
 
-`<output>/generate.json` records what the parts were made from (input files, export,
-sampling settings): a rerun with other settings into the same directory is refused rather
+`<output>/generate.json` records what the parts were made from (input files, the export's
+files, sampling settings): a rerun with other settings into the same directory is refused rather
 than mixing two generations in one output.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional
@@ -101,10 +102,9 @@ def _resolved(settings: GenerateConfig) -> GenerateConfig:
 
 def _check_export(settings: GenerateConfig) -> None:
     """The replicas' failures, found on the driver first: an unusable export or chat template."""
+    from moe import load_export_config
     from moe_platform.serve.chat import ChatTemplateError, load_chat_template
     from moe_platform.serve.engine import ExportError, check_export
-
-    from moe import load_export_config
 
     try:
         check_export(settings.export_dir)
@@ -127,7 +127,15 @@ def _plan_record(settings: GenerateConfig, chunks: List[Chunk]) -> Dict[str, Any
         "files": [{"identity": identity, "size": sizes[location].size, "mtime_ns": sizes[location].mtime_ns}
                   for identity, location in files],
         "parts": len(chunks),
+        "export_files": _export_files(settings.export_dir),  # an export rewritten in place is another model
     }
+
+
+def _export_files(export_dir: str) -> Dict[str, List[int]]:
+    from moe.export import export_files
+
+    stats = {name: os.stat(os.path.join(export_dir, name)) for name in export_files(export_dir)}
+    return {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}
 
 
 def _claim_output(output: str, plan: Dict[str, Any]) -> None:
