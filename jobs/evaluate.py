@@ -27,7 +27,7 @@ from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from moe.export import check_export
 from moe_platform.data import DataError
-from moe_platform.generate.tasks import TaskSet, task_sets_for
+from moe_platform.generate.tasks import TaskSet, format_task_table, score_export, task_sets_for
 from moe_platform.train import EvaluationReport, evaluate_export
 
 
@@ -47,6 +47,7 @@ def run_evaluation(config: RootConfig) -> EvaluationReport:
         check_export(export_dir, "evaluate.export_dir")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    task_sets = find_task_sets(config)
     init_ray()
     try:
         report = evaluate_export(export_dir, config.data.resolved().dataset_dir, split=settings.split,
@@ -55,25 +56,15 @@ def run_evaluation(config: RootConfig) -> EvaluationReport:
         print(f"evaluation failed: {exc}", file=sys.stderr)
         sys.exit(1)
     result = report.to_dict()
-    task_sets = find_task_sets(config)
     if task_sets:
-        result["tasks"] = [row.to_dict() for row in score_tasks(export_dir, task_sets, settings)]
+        chart = os.path.join(export_dir, f"task_metrics_{settings.split}.png")
+        rows = score_export(export_dir, task_sets, max_tokens=settings.task_max_tokens, chart=chart)
+        print(format_task_table(rows))
+        print(f"chart  {chart}")
+        result["tasks"] = [row.to_dict() for row in rows]
     with open(os.path.join(export_dir, f"evaluation_{settings.split}.json"), "w") as fh:
         json.dump(result, fh, indent=2)
     return report
-
-
-def score_tasks(export_dir: str, task_sets: list[TaskSet], settings) -> list:
-    """Task metrics of one export: printed as a table, drawn beside the export."""
-    from moe_platform.generate.tasks import evaluate_tasks, format_task_table, write_task_chart
-    from moe_platform.serve.engine import Engine
-
-    rows = evaluate_tasks(Engine.load(export_dir), task_sets, max_tokens=settings.task_max_tokens)
-    chart = write_task_chart([(os.path.basename(export_dir), rows)],
-                             os.path.join(export_dir, f"task_metrics_{settings.split}.png"))
-    print(format_task_table(rows))
-    print(f"chart  {chart}")
-    return rows
 
 
 def run_comparison(config: RootConfig) -> list:

@@ -157,6 +157,15 @@ def evaluate_tasks(engine: Any, task_sets: Sequence[TaskSet], *, max_tokens: int
     return rows
 
 
+def score_export(export_dir: str, task_sets: Sequence[TaskSet], *, max_tokens: int, chart: str) -> List[TaskScores]:
+    """One export's task metrics (its serving engine loaded here), drawn into `chart`."""
+    from moe_platform.serve.engine import Engine
+
+    rows = evaluate_tasks(Engine.load(export_dir), task_sets, max_tokens=max_tokens)
+    write_task_chart([(os.path.basename(export_dir.rstrip("/")), rows)], chart)
+    return rows
+
+
 def format_task_table(rows: Sequence[TaskScores], label: Optional[str] = None) -> str:
     """A fixed-width table: one line per task (and export, when `label` names one)."""
     header = (f"{'export':<24} " if label is not None else "") + f"{'task':<20} {'n':>4} " + \
