@@ -167,18 +167,20 @@ def _generate(settings: GenerateConfig, todo: List[Chunk], summary: GenerationSu
 
     from moe_platform.generate.replica import GenerateReplica
 
+    replicas = min(settings.replicas, len(todo))
     dataset = ray.data.from_items([chunk.to_dict() for chunk in todo], override_num_blocks=len(todo))
     dataset = dataset.map_batches(
         GenerateReplica,
         fn_constructor_kwargs={"settings": settings.to_dict(), "output": settings.output},
         batch_size=1,  # one chunk per call: the unit of progress and of retry
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=min(settings.replicas, len(todo))),  # a fixed pool
+        compute=ray.data.ActorPoolStrategy(size=replicas),  # a fixed pool
         num_cpus=settings.num_cpus_per_replica,
         num_gpus=settings.num_gpus_per_replica or None,
     )
     log.info("generate: %d of %d parts to do (%d rows) on %d replica(s)", len(todo), summary.parts,
-             sum(c.num_rows for c in todo), min(settings.replicas, len(todo)))
+             sum(c.num_rows for c in todo), replicas)
+    _warn_if_short(replicas, settings, ray.cluster_resources())
     started = last_log = time.perf_counter()
     dataset.context.enable_progress_bars = False  # the driver logs its own progress line
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -195,3 +197,13 @@ def _generate(settings: GenerateConfig, todo: List[Chunk], summary: GenerationSu
             last_log = time.perf_counter()
             log.info("generate: %d/%d rows (%.0f%%), %.1f tokens/s", rows_before, summary.rows,
                      100 * rows_before / max(summary.rows, 1), summary.tokens_per_s)
+
+
+def _warn_if_short(replicas: int, settings: GenerateConfig, available: Dict[str, float]) -> None:
+    """A pool larger than the cluster runs on the replicas that fit; say so (seen with Ray 2.60:
+    3 one-CPU replicas on a 2-CPU Ray, 2 started and finished the job)."""
+    cpus, gpus = replicas * settings.num_cpus_per_replica, replicas * settings.num_gpus_per_replica
+    if cpus > available.get("CPU", 0) or gpus > available.get("GPU", 0):
+        log.warning("generate: %d replica(s) need %g CPU and %g GPU; the cluster has %g and %g now, so only the "
+                    "replicas that fit start (more as nodes join, e.g. on an autoscaling cluster)", replicas, cpus,
+                    gpus, available.get("CPU", 0), available.get("GPU", 0))
