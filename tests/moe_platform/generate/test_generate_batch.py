@@ -109,23 +109,30 @@ def test_a_killed_job_rerun_completes_every_row_exactly_once(job_env, tiny_expor
     assert not list(output.glob("*.tmp"))
 
 
-def test_bad_input_fails_before_ray_with_one_line(tiny_export, tmp_path):
-    (tmp_path / "q.jsonl").write_text('{"question": "q"}\n')
+@pytest.mark.parametrize("case, message", [
+    ("export", "generate.export_dir"),
+    ("fields", "line 1 has no 'prompt' field (generate.prompt_field; its fields: question)"),
+    ("context", "generate.max_tokens=64 does not fit the export's context of 64 tokens"),
+    ("inside", "is inside generate.input"),
+    ("no output", "generate.output is required"),
+])
+def test_unusable_settings_are_one_error_before_any_ray_work(tiny_export, tmp_path, case, message):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "q.jsonl").write_text('{"question": "q"}\n' if case == "fields" else '{"prompt": "q"}\n')
+    settings = {"export_dir": tiny_export, "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+                "max_tokens": 8}
+    settings.update({"export": {"export_dir": str(tmp_path)}, "context": {"max_tokens": 64},
+                     "inside": {"output": str(tmp_path / "in" / "out")}, "no output": {"output": None}}.get(case, {}))
+    with pytest.raises(DataError) as error:
+        run_generation(GenerateConfig(**settings), start_ray=lambda: pytest.fail("Ray was started"))
+    assert message in str(error.value)
+
+
+def test_the_job_prints_one_line_for_a_bad_input_or_config(tmp_path):
     env = environment_without_ray()
-    cases = [
-        ([f"generate.export_dir={tiny_export}", f"generate.output={tmp_path / 'o'}"], "generate.input is required"),
-        ([f"generate.export_dir={tmp_path}", f"generate.input={tmp_path / 'q.jsonl'}", f"generate.output={tmp_path}"],
-         "generate.export_dir"),
-        ([f"generate.export_dir={tiny_export}", f"generate.input={tmp_path / 'q.jsonl'}",
-          f"generate.output={tmp_path / 'o'}", "generate.max_tokens=8"], "has no 'prompt' field"),
-        ([f"generate.export_dir={tiny_export}", f"generate.input={tmp_path / 'q.jsonl'}",
-          f"generate.output={tmp_path / 'o'}", "generate.max_tokens=64"], "does not fit the export's context of 64"),
-        ([f"generate.export_dir={tiny_export}", f"generate.input={tmp_path}", f"generate.output={tmp_path / 'o'}",
-          "generate.max_tokens=8"], "is inside generate.input"),
-        (["generate.temperature=3"], "generate.temperature must be in [0, 2]"),
-    ]
-    for args, message in cases:
-        result = run_job("generate", *args, env=env, timeout=120)
+    for args, message in [(["generate.output=o"], "generate error: generate.input is required"),
+                          (["generate.temperature=3"], "config error: generate.temperature must be in [0, 2]")]:
+        result = run_job("generate", *args, env=env, cwd=tmp_path, timeout=120)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
 
