@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import ray
 import pyarrow.parquet as pq
 import pytest
 from testkit.processes import environment_without_ray, run_job, start_job
@@ -45,7 +46,14 @@ def generated(ray_cluster, tiny_export, tmp_path_factory):
     expected_prompts = write_input(root / "in")
     settings = GenerateConfig(export_dir=tiny_export, input=str(root / "in"), output=str(root / "out"),
                               max_tokens=4, replicas=2, num_cpus_per_replica=0.5, num_slots=8, rows_per_part=40)
-    return settings, run_generation(settings), expected_prompts
+    # Ray Data hands chunks to the first actor that is up; a tiny job can end before the second
+    # one has loaded the model. Here both must be up first, so that both take part.
+    context = ray.data.DataContext.get_current()
+    previous, context.wait_for_min_actors_s = context.wait_for_min_actors_s, 120
+    try:
+        return settings, run_generation(settings), expected_prompts
+    finally:
+        context.wait_for_min_actors_s = previous
 
 
 def test_two_replicas_over_hundreds_of_prompts_equal_each_prompt_generated_alone(generated, engine):
