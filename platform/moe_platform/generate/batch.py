@@ -174,7 +174,9 @@ def _generate(settings: GenerateConfig, todo: List[Chunk], summary: GenerationSu
         fn_constructor_kwargs={"settings": settings.to_dict(), "output": settings.output},
         batch_size=1,  # one chunk per call: the unit of progress and of retry
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=replicas),  # a fixed pool
+        # A fixed pool; one chunk at a time per actor, so a replica that comes up late (or runs
+        # slower) still gets its share instead of finding the first one's queue already full.
+        compute=ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=1),
         num_cpus=settings.num_cpus_per_replica,
         num_gpus=settings.num_gpus_per_replica or None,
     )
