@@ -55,7 +55,8 @@ def write_prompts(path: Path, count: int, seed: int) -> List[str]:
     return prompts
 
 
-def run_batch(export_dir: str, prompts_file: Path, output: Path, replicas: int, args: argparse.Namespace) -> Tuple[int, float]:
+def run_batch(export_dir: str, prompts_file: Path, output: Path, replicas: int,
+              args: argparse.Namespace) -> Tuple[int, float]:
     from moe_platform.generate.batch import run_generation
     from moe_platform.generate.config import GenerateConfig
 
@@ -112,7 +113,8 @@ def main() -> int:
         print("| mode | replicas | tokens | seconds | tokens/s |\n| --- | --- | --- | --- | --- |", flush=True)
         for mode, replicas in (("batch", 1), ("batch", 2), ("http", 1)):
             if mode == "batch":
-                tokens, seconds = run_batch(export_dir, root / "prompts.jsonl", root / f"out-{replicas}", replicas, args)
+                output = root / f"out-{replicas}"
+                tokens, seconds = run_batch(export_dir, root / "prompts.jsonl", output, replicas, args)
             else:
                 tokens, seconds = run_http(export_dir, prompts, args)
             print(f"| {mode} | {replicas} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} |", flush=True)

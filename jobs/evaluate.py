@@ -5,8 +5,9 @@
         evaluate.max_batches=50 data.dataset_dir=outputs/dataset
     python jobs/evaluate.py 'evaluate.compare=[outputs/pretrain/export,outputs/prune/export,outputs/pretrain/export+int8]'
     python jobs/evaluate.py evaluate.export_dir=outputs/finetune/export data.dataset_dir=outputs/finetune/dataset
-    python jobs/evaluate.py 'evaluate.compare=[outputs/pretrain/export,outputs/finetune/export,outputs/finetune/export+int8]' \
-        data.dataset_dir=outputs/finetune/dataset                  # + task metrics on its held-out records
+    python jobs/evaluate.py data.dataset_dir=outputs/finetune/dataset \
+        'evaluate.compare=[outputs/pretrain/export,outputs/finetune/export,outputs/finetune/export+int8]'
+        # ^ + task metrics on the finetune set's held-out records
     python jobs/evaluate.py evaluate.task_input=heldout/ ...        # one task per .jsonl/.parquet file
 
 One export: writes evaluation_<split>.json next to it and prints a summary. A comparison

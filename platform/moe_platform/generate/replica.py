@@ -143,6 +143,6 @@ class GenerateReplica:
         write_part(table, storage.join(self.output, chunk.part))
         errors = [f"{i}: {e}" for i, e in zip(table.column("id").to_pylist(), table.column("error").to_pylist()) if e]
         generated = sum(n for n in table.column("num_generated_tokens").to_pylist() if n)
-        return {"part": chunk.part, "replica": self.replica_id, "rows": chunk.num_rows, "records": table.num_rows, "errors": len(errors),
-                "first_error": errors[0] if errors else "", "generated_tokens": generated,
+        return {"part": chunk.part, "replica": self.replica_id, "rows": chunk.num_rows, "records": table.num_rows,
+                "errors": len(errors), "first_error": errors[0] if errors else "", "generated_tokens": generated,
                 "seconds": time.perf_counter() - started}

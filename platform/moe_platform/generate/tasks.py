@@ -93,8 +93,9 @@ def task_sets_for(evaluate: EvaluateConfig, data: DataConfig, tasks: Sequence[Ta
         return task_sets_from_files(evaluate.task_input, prompt_field=data.prompt_field,
                                     response_field=data.response_field, prompt_template=data.prompt_template,
                                     max_examples=evaluate.task_examples)  # fmt: skip
-    datasets = [(task.name, task.dataset_dir) for task in tasks] or [(_dataset_name(data.dataset_dir), data.dataset_dir)]
-    return task_sets_from_datasets(datasets, evaluate.split, evaluate.task_examples)
+    datasets = [(task.name, task.dataset_dir) for task in tasks]
+    return task_sets_from_datasets(datasets or [(_dataset_name(data.dataset_dir), data.dataset_dir)],
+                                   evaluate.split, evaluate.task_examples)
 
 
 def _dataset_name(dataset_dir: str) -> str:

@@ -32,7 +32,8 @@ def write_input(root: Path) -> dict[str, str]:
     (root / "a.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in jsonl))
     parquet = prompts(60, start=200)
     pq.write_table(pa.table({"prompt": parquet}), root / "b.parquet", row_group_size=16)
-    return {**{f"a.jsonl:{i + 1}": p for i, p in enumerate(jsonl)}, **{f"b.parquet#{i}": p for i, p in enumerate(parquet)}}
+    return {**{f"a.jsonl:{i + 1}": p for i, p in enumerate(jsonl)},
+            **{f"b.parquet#{i}": p for i, p in enumerate(parquet)}}
 
 
 def read_output(output: Path) -> pa.Table:
