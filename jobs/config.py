@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from moe import ModelConfig
 from moe.peft_config import PeftConfig
 from moe_platform.data import DataConfig
+from moe_platform.generate import GenerateConfig
 from moe_platform.serve.config import ServeConfig
 from moe_platform.stages.config import PipelineConfig, PruneConfig, UpcycleConfig
 from moe_platform.train.config import (
@@ -39,6 +40,8 @@ class RootConfig:
     run: RunConfig = field(default_factory=RunConfig)
     init: InitConfig = field(default_factory=InitConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # moe_platform.generate: offline batch generation over a prompt file with Ray Data.
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     # Later stages (moe_platform.stages, moe.peft): LoRA / freezing, distillation, a multi-task
     # mixture, the upcycle and prune transforms, and the pipeline that chains stages.
     peft: PeftConfig = field(default_factory=PeftConfig)

@@ -4,10 +4,19 @@
     python jobs/evaluate.py evaluate.export_dir=outputs/pretrain/export evaluate.split=train \
         evaluate.max_batches=50 data.dataset_dir=outputs/dataset
     python jobs/evaluate.py 'evaluate.compare=[outputs/pretrain/export,outputs/prune/export,outputs/pretrain/export+int8]'
+    python jobs/evaluate.py evaluate.export_dir=outputs/finetune/export data.dataset_dir=outputs/finetune/dataset
+    python jobs/evaluate.py data.dataset_dir=outputs/finetune/dataset \
+        'evaluate.compare=[outputs/pretrain/export,outputs/finetune/export,outputs/finetune/export+int8]'
+        # ^ + task metrics on the finetune set's held-out records
+    python jobs/evaluate.py evaluate.task_input=heldout/ ...        # one task per .jsonl/.parquet file
 
 One export: writes evaluation_<split>.json next to it and prints a summary. A comparison
 prints a table (held-out loss, perplexity, total/active parameters, MB on disk, generation
 tokens/s) and writes it as comparison.json + a PNG chart (evaluate.chart).
+Where the data has references (an instruction dataset, a mixture's `tasks`, or
+evaluate.task_input), both also score greedy answers: exact match, token F1, ROUGE-L and BLEU
+per task and overall - a table, and a chart (task_metrics_<split>.png beside one export;
+a second row of panels in a comparison's chart).
 """
 from __future__ import annotations
 
@@ -19,7 +28,17 @@ from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from moe.export import check_export
 from moe_platform.data import DataError
+from moe_platform.generate.tasks import TaskSet, format_task_table, score_export, task_sets_for
 from moe_platform.train import EvaluationReport, evaluate_export
+
+
+def find_task_sets(config: RootConfig) -> list[TaskSet]:
+    """The held-out prompt/response sets evaluate.* selects (none: perplexity only)."""
+    try:
+        return task_sets_for(config.evaluate, config.data.resolved(), config.tasks)
+    except (DataError, ValueError) as exc:
+        print(f"evaluation failed: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run_evaluation(config: RootConfig) -> EvaluationReport:
@@ -29,6 +48,7 @@ def run_evaluation(config: RootConfig) -> EvaluationReport:
         check_export(export_dir, "evaluate.export_dir")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    task_sets = find_task_sets(config)
     init_ray()
     try:
         report = evaluate_export(export_dir, config.data.resolved().dataset_dir, split=settings.split,
@@ -36,8 +56,15 @@ def run_evaluation(config: RootConfig) -> EvaluationReport:
     except (DataError, ValueError) as exc:
         print(f"evaluation failed: {exc}", file=sys.stderr)
         sys.exit(1)
+    result = report.to_dict()
+    if task_sets:
+        chart = os.path.join(export_dir, f"task_metrics_{settings.split}.png")
+        rows = score_export(export_dir, task_sets, max_tokens=settings.task_max_tokens, chart=chart)
+        print(format_task_table(rows))
+        print(f"chart  {chart}")
+        result["tasks"] = [row.to_dict() for row in rows]
     with open(os.path.join(export_dir, f"evaluation_{settings.split}.json"), "w") as fh:
-        json.dump(report.to_dict(), fh, indent=2)
+        json.dump(result, fh, indent=2)
     return report
 
 
@@ -49,10 +76,12 @@ def run_comparison(config: RootConfig) -> list:
         first_dir, _ = [parse_entry(entry) for entry in settings.compare][0]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    task_sets = find_task_sets(config)
     init_ray()
     try:
         rows = compare_exports(settings.compare, config.data.resolved().dataset_dir, split=settings.split,
-                               batch_size=settings.batch_size, max_batches=settings.compare_max_batches)
+                               batch_size=settings.batch_size, max_batches=settings.compare_max_batches,
+                               task_sets=task_sets, task_max_tokens=settings.task_max_tokens)
     except (DataError, ValueError) as exc:
         print(f"evaluation failed: {exc}", file=sys.stderr)
         sys.exit(1)

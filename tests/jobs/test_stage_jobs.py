@@ -44,6 +44,10 @@ def test_pretrain_finetune_pipeline_runs_resumably_and_compares(job_env, tmp_pat
     assert {"val/text/loss", "val/instruct/loss", "val/loss"} <= set(scalars)
     assert (root / "comparison.png").is_file()
     assert len(json.loads((root / "comparison.json").read_text())) == 3
+    # ...on task metrics too: the finetune set's held-out prompt/response records, same for every export.
+    compared = json.loads((root / "comparison.json").read_text())
+    assert [[(t["task"], t["examples"]) for t in row["tasks"]] for row in compared] == [[("finetune", 32)]] * 3
+    assert "exact_match" in result.stdout
 
     again = run_job("pipeline", *args, env=job_env)  # finished stages are not run again
     assert again.returncode == 0, again.stderr[-3000:]

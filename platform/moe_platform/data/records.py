@@ -134,28 +134,16 @@ def _read_whole_file(file: SourceFile, record_format: RecordFormat) -> Iterator[
 
 
 def _read_jsonl(file: SourceFile, record_format: RecordFormat) -> Iterator[Union[Record, Skip]]:
-    """One record per line. Lines end at '\\n' only: JSON strings may hold U+2028, U+2029 and
-    U+0085 raw, so str.splitlines() would cut valid records apart. A bad line is one Skip."""
+    """One record per line; a bad line is one Skip."""
     data = storage.read_bytes(file.location)
     binary = _binary_reason(data)
     if binary:
         yield Skip(file.location, binary)
         return
-    offset = 0
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        start, offset = offset, offset + len(line) + 1
-        if number == 1 and line.startswith(UTF8_BOM):
-            line, start = line[len(UTF8_BOM):], start + len(UTF8_BOM)
-        if not line.strip(JSON_WHITESPACE):
-            continue  # blank lines separate nothing in JSON Lines; not records
+    for number, value, problem in jsonl_values(data):
         where = f"line {number}"
-        try:
-            value = loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            yield Skip(file.location, f"{where}: invalid UTF-8 at byte {start + exc.start}")
-            continue
-        except JSONInputError as exc:
-            yield Skip(file.location, f"{where}: malformed JSON ({exc.problem})")
+        if problem:
+            yield Skip(file.location, f"{where}: {problem}")
             continue
         missing = next((f for f in record_format.fields if not isinstance(value, dict) or f.name not in value), None)
         if missing is not None:
@@ -163,6 +151,30 @@ def _read_jsonl(file: SourceFile, record_format: RecordFormat) -> Iterator[Union
             continue
         values = [value[f.name] for f in record_format.fields]
         yield _record(file, record_format, f"{file.identity}:{number}", f"{where}: ", values)
+
+
+def jsonl_values(data: bytes, first_line: int = 1, first_byte: int = 0) -> Iterator[tuple[int, object, Optional[str]]]:
+    """(line number, JSON value, None) for each non-blank line of JSON Lines bytes, or
+    (line number, None, problem) for a line that is not UTF-8 or not JSON.
+
+    `data` may be a slice of a file that starts at a line boundary: `first_line` and `first_byte`
+    are its position, so numbers and byte offsets name the whole file's. Lines end at '\\n' only:
+    JSON strings may hold U+2028, U+2029 and U+0085 raw, so str.splitlines() would cut valid
+    records apart.
+    """
+    offset = first_byte
+    for number, line in enumerate(data.split(b"\n"), start=first_line):
+        start, offset = offset, offset + len(line) + 1
+        if number == 1 and line.startswith(UTF8_BOM):
+            line, start = line[len(UTF8_BOM):], start + len(UTF8_BOM)
+        if not line.strip(JSON_WHITESPACE):
+            continue  # blank lines separate nothing in JSON Lines; not records
+        try:
+            yield number, loads(line.decode("utf-8")), None
+        except UnicodeDecodeError as exc:
+            yield number, None, f"invalid UTF-8 at byte {start + exc.start}"
+        except JSONInputError as exc:
+            yield number, None, f"malformed JSON ({exc.problem})"
 
 
 def _read_parquet(file: SourceFile, record_format: RecordFormat) -> Iterator[Union[Record, Skip]]:
@@ -177,7 +189,7 @@ def _read_parquet(file: SourceFile, record_format: RecordFormat) -> Iterator[Uni
                                           f"columns: {', '.join(schema.names)})")
                 return
             column_type = schema.field(field.column).type
-            if not _is_string_type(column_type):
+            if not is_string_type(column_type):
                 yield Skip(file.location, f"column {field.column!r} is {column_type}, not a string")
                 return
         columns = [f.column for f in record_format.fields]
@@ -193,13 +205,14 @@ def _record(file: SourceFile, record_format: RecordFormat, identity: str, where:
             values: Sequence[object]) -> Union[Record, Skip]:
     """The record, or a Skip naming the first field whose value is unusable."""
     for field, value in zip(record_format.fields, values):
-        problem = _value_problem(field, value)
+        problem = value_problem(field, value)
         if problem:
             return Skip(file.location, where + problem)
     return record_format.record_type(identity, *values)
 
 
-def _value_problem(field: RecordField, value: object) -> Optional[str]:
+def value_problem(field: RecordField, value: object) -> Optional[str]:
+    """Why a field's value cannot be used (null, not a string, blank, unencodable), or None."""
     if value is None:
         return f"null {field.noun}"
     if not isinstance(value, str):
@@ -214,7 +227,7 @@ def _value_problem(field: RecordField, value: object) -> Optional[str]:
     return None
 
 
-def _is_string_type(column_type: pa.DataType) -> bool:
+def is_string_type(column_type: pa.DataType) -> bool:
     if pa.types.is_dictionary(column_type):  # dictionary-encoded strings read back as strings
         column_type = column_type.value_type
     return pa.types.is_string(column_type) or pa.types.is_large_string(column_type)

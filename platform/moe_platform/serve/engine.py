@@ -87,8 +87,6 @@ class Engine:
         """safetensors + config.json + tokenizer.json; nothing is unpickled. quantize="int8":
         dynamic int8 linear layers and experts (CPU)."""
         from moe import load_export
-        from moe.export import export_tokenizer, special_tokens
-        from tokenizers import Tokenizer
 
         check_export(export_dir)
         # The native backend serves any export (deepspeed-trained ones too): the same function
@@ -98,6 +96,15 @@ class Engine:
             from moe.quantize import quantize_int8
 
             model = quantize_int8(model)
+        return cls.for_model(export_dir, model)
+
+    @classmethod
+    def for_model(cls, export_dir: str, model: Any) -> "Engine":
+        """An engine over a model already loaded from export_dir (and perhaps transformed, e.g.
+        quantized): the export's tokenizer, special tokens and chat template."""
+        from moe.export import export_tokenizer, special_tokens
+        from tokenizers import Tokenizer
+
         tokenizer = Tokenizer.from_file(str(export_tokenizer(export_dir)))
         try:
             chat_template = load_chat_template(export_dir)

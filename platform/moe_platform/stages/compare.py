@@ -7,15 +7,18 @@
 An entry `<export>+int8` is that export with dynamic int8 quantization (moe.quantize),
 as a CPU serve replica would run it. Held-out loss comes from the same rows for every
 export (moe_platform.train.evaluate_export); generation tokens/s from the same prompts,
-greedy, at batch size `generate_batch`, after one warm-up call.
+greedy, at batch size `generate_batch`, after one warm-up call. Given `task_sets`
+(moe_platform.generate.tasks), each export also answers the same held-out prompts and gets
+task metrics (exact match, F1, ROUGE-L, BLEU) per task and overall: a second table, and a
+second row of panels in the chart.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -35,6 +38,7 @@ class ExportSummary:
     active_params: int
     size_mb: float  # bytes on disk of the weights (int8: of the quantized state dict)
     generate_tokens_per_s: float
+    tasks: list = field(default_factory=list)  # generate.metrics.TaskScores per task (+ overall)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +70,8 @@ def load_model(export_dir: str, int8: bool) -> torch.nn.Module:
 
 def compare_exports(entries: Sequence[str], dataset_dir: str, *, split: str = "validation", batch_size: int = 8,
                     max_batches: Optional[int] = 20, generate_batch: int = 4, prompt_tokens: int = 16,
-                    new_tokens: int = 32) -> list[ExportSummary]:
+                    new_tokens: int = 32, task_sets: Sequence[Any] = (),
+                    task_max_tokens: int = 32) -> list[ExportSummary]:
     """Score every entry on the same held-out rows and prompts (Ray must be up: rows stream via Ray Data)."""
     from moe_platform.train.evaluation import evaluate_export
 
@@ -88,9 +93,19 @@ def compare_exports(entries: Sequence[str], dataset_dir: str, *, split: str = "v
             params=model.config.num_params, active_params=model.config.num_active_params,
             size_mb=_size_bytes(export_dir, model, int8) / 1e6,
             generate_tokens_per_s=generation_speed(model, prompts, new_tokens),
+            tasks=_task_scores(export_dir, model, task_sets, task_max_tokens),
         ))
         log.info("%s: loss %.4f, %.1f generated tokens/s", entry, report.loss, rows[-1].generate_tokens_per_s)
     return rows
+
+
+def _task_scores(export_dir: str, model: torch.nn.Module, task_sets: Sequence[Any], max_tokens: int) -> list:
+    if not task_sets:
+        return []
+    from moe_platform.generate.tasks import evaluate_tasks
+    from moe_platform.serve.engine import Engine
+
+    return evaluate_tasks(Engine.for_model(export_dir, model), task_sets, max_tokens=max_tokens)
 
 
 def _prompts(dataset_dir: str, split: str, count: int, length: int) -> list[list[int]]:
@@ -131,11 +146,17 @@ def format_table(rows: Sequence[ExportSummary]) -> str:
         name = row.name if len(row.name) <= 44 else "..." + row.name[-41:]
         lines.append(f"{name:<44} {row.loss:>8.4f} {row.perplexity:>9.2f} {row.params:>11,} "
                      f"{row.active_params:>11,} {row.size_mb:>8.2f} {row.generate_tokens_per_s:>10.1f}")
+    if any(row.tasks for row in rows):
+        from moe_platform.generate.tasks import format_task_table
+
+        tables = [format_task_table(row.tasks, label=_short_label(row)) for row in rows if row.tasks]
+        lines += ["", tables[0]] + [table.split("\n", 2)[2] for table in tables[1:]]  # one header
     return "\n".join(lines)
 
 
 def write_chart(rows: Sequence[ExportSummary], path: str) -> str:
-    """Four bar panels (held-out loss, parameters, size on disk, generation speed) in one PNG."""
+    """Four bar panels (held-out loss, parameters, size on disk, generation speed) in one PNG, and
+    below them one panel per task metric when the rows have task scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +169,15 @@ def write_chart(rows: Sequence[ExportSummary], path: str) -> str:
         ("weights on disk (MB)", [row.size_mb for row in rows]),
         ("generation tokens/s", [row.generate_tokens_per_s for row in rows]),
     ]
-    figure, axes = plt.subplots(1, 4, figsize=(4 * 4, 4 + 0.15 * max(len(rows), 1)))
+    with_tasks = any(row.tasks for row in rows)
+    panel_rows = 2 if with_tasks else 1
+    figure, grid = plt.subplots(panel_rows, 4, figsize=(4 * 4, (4 + 0.15 * max(len(rows), 1)) * panel_rows),
+                                squeeze=False)
+    axes = grid[0]
+    if with_tasks:
+        from moe_platform.generate.tasks import plot_task_metrics
+
+        plot_task_metrics(grid[1], [(_short_label(row), row.tasks) for row in rows if row.tasks])
     positions = range(len(rows))
     for axis, (title, values) in zip(axes, panels):
         if values is None:

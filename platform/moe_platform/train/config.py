@@ -198,7 +198,8 @@ class InitConfig:
 
 @dataclass
 class EvaluateConfig:
-    """`jobs/evaluate.py`: perplexity and routing statistics of an export on a dataset split."""
+    """`jobs/evaluate.py`: perplexity and routing statistics of an export on a dataset split, and
+    task metrics where the data has references."""
 
     export_dir: str = "${run.output_dir}/export"
     split: str = "validation"
@@ -210,9 +211,20 @@ class EvaluateConfig:
     # The comparison's PNG chart; null = <first export's parent>/comparison.png.
     chart: Optional[str] = None
     compare_max_batches: Optional[int] = 20  # held-out batches per export in a comparison
+    # Task metrics (exact match, token F1, ROUGE-L, BLEU) of greedy answers to held-out
+    # prompt/response records (moe_platform/generate/tasks.py), per task and overall, for one
+    # export or each compared one: the .jsonl/.parquet files of task_input (one task each), else
+    # the `tasks` of a mixture, else data.dataset_dir - each an instruction dataset's `split`
+    # records, read from its source. A text dataset has no references: perplexity only.
+    task_metrics: bool = True
+    task_input: Optional[str] = None
+    task_examples: int = 32  # per task
+    task_max_tokens: int = 32  # per answer (at most half the model's context)
 
     def __post_init__(self) -> None:
         require(bool(self.export_dir), "evaluate.export_dir must not be empty")
+        require(self.task_examples >= 1, f"evaluate.task_examples must be >= 1, got {self.task_examples}")
+        require(self.task_max_tokens >= 1, f"evaluate.task_max_tokens must be >= 1, got {self.task_max_tokens}")
         require(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
         require(
             self.max_batches is None or self.max_batches >= 1,
