@@ -23,17 +23,22 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
-from moe.export import check_export
 from moe_platform.data import DataError
-from moe_platform.generate.tasks import TaskSet, format_task_table, score_export, task_sets_for
-from moe_platform.train import EvaluationReport, evaluate_export
+
+# Ray and torch load inside the functions, once the config is known to be valid.
+if TYPE_CHECKING:
+    from moe_platform.generate.tasks import TaskSet
+    from moe_platform.train import EvaluationReport
 
 
 def find_task_sets(config: RootConfig) -> list[TaskSet]:
     """The held-out prompt/response sets evaluate.* selects (none: perplexity only)."""
+    from moe_platform.generate.tasks import task_sets_for
+
     try:
         return task_sets_for(config.evaluate, config.data.resolved(), config.tasks)
     except (DataError, ValueError) as exc:
@@ -42,6 +47,10 @@ def find_task_sets(config: RootConfig) -> list[TaskSet]:
 
 
 def run_evaluation(config: RootConfig) -> EvaluationReport:
+    from moe.export import check_export
+    from moe_platform.generate.tasks import format_task_table, score_export
+    from moe_platform.train import evaluate_export
+
     settings = config.evaluate
     export_dir = os.path.abspath(settings.export_dir)
     try:

@@ -18,11 +18,12 @@ import sys
 from jobs.common import init_ray, job
 from jobs.config import RootConfig
 from moe_platform.data import DataError
-from moe_platform.generate.batch import run_generation
 
 
 @job
 def main(config: RootConfig) -> None:
+    from moe_platform.generate.batch import run_generation  # Ray and torch: only once the config is valid
+
     try:
         summary = run_generation(config.generate, start_ray=init_ray)
     except DataError as exc:

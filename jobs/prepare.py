@@ -13,11 +13,12 @@ import sys
 from jobs.common import init_ray, job
 from jobs.config import RootConfig
 from moe_platform.data import DataError
-from moe_platform.data.prepare import prepare_dataset
 
 
 def run_prepare(config: RootConfig):
     """Prepare `config.data`, print the summary; a data problem exits 1 with one line."""
+    from moe_platform.data.prepare import prepare_dataset  # Ray Data: only once the config is valid
+
     try:
         # resolved(): relative paths are made absolute here, where the user's cwd is known.
         result = prepare_dataset(config.data.resolved(), start_ray=init_ray)

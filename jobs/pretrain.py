@@ -10,20 +10,19 @@ config there is refused. Layout: <run.output_dir>/{config.yaml,config.json,tenso
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
 from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from moe_platform.data import DataError
-from moe_platform.train import (
-    CheckpointError,
-    StageConfig,
-    TrainingError,
-    TrainResult,
-    prepare_stage,
-    train,
-)
+from moe_platform.train.config import StageConfig
+
+# Ray, DeepSpeed and torch load inside the functions, once the config is known to be valid
+# (a bad override answers in a second, before any of them is imported).
+if TYPE_CHECKING:
+    from moe_platform.train import TrainResult
 
 
 def pretrain_stage(config: RootConfig) -> StageConfig:
@@ -35,6 +34,8 @@ def pretrain_stage(config: RootConfig) -> StageConfig:
 
 def run_pretraining(config: RootConfig) -> TrainResult:
     """Check (exit 2 naming the key), save config.yaml, train or resume, export. Ray must be up."""
+    from moe_platform.train import CheckpointError, TrainingError, prepare_stage, train
+
     stage = pretrain_stage(config)
     try:
         prepare_stage(stage)  # every check (a ConfigError names the key), before Ray or any worker starts

@@ -14,11 +14,11 @@ import sys
 
 from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
-from moe.export import check_export
 from moe_platform.data import DataError
 
 
 def run_prune(config: RootConfig):
+    from moe.export import check_export  # torch and Ray: only once the config is valid
     from moe_platform.stages.pruning import prune_export_with_calibration
 
     settings = config.prune

@@ -20,7 +20,6 @@ import time
 from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from moe_platform.serve.config import API_KEY_ENV, ServeConfig
-from moe_platform.serve.engine import ExportError, check_export
 
 log = logging.getLogger("jobs.serve")
 
@@ -64,6 +63,8 @@ def resolve_export_dir(config: RootConfig) -> ServeConfig:
 
 @job
 def main(config: RootConfig) -> None:
+    from moe_platform.serve.engine import ExportError, check_export  # torch: only once the config is valid
+
     serve_config = resolve_export_dir(config)
     try:
         check_export(serve_config.export_dir)

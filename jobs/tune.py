@@ -24,7 +24,6 @@ from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
 from jobs.pretrain import pretrain_stage
 from moe_platform.data import DataError
-from moe_platform.tune import hydra_override, prepare_sweep, run_sweep
 
 # Hydra's own settings, as in jobs/conf/config.yaml: a best/config.yaml behaves like the tree it came from.
 BEST_CONFIG_HEADER = {
@@ -50,6 +49,8 @@ def write_best_config(config: RootConfig, params: dict, path: str) -> str:
 
 @job
 def main(config: RootConfig) -> None:
+    from moe_platform.tune import hydra_override, prepare_sweep, run_sweep  # Ray: only once the config is valid
+
     try:
         plan = prepare_sweep(pretrain_stage(config), config.tune)  # a ConfigError names the key
     except DataError as exc:  # the dataset a sweep names is part of its config

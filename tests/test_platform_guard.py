@@ -38,3 +38,17 @@ def test_job_scripts_do_not_shadow_importable_modules():
         assert spec is None or (origin and str(REPO_ROOT) in origin), (
             f"jobs/{script.name} shadows the installed module {name!r} ({origin})"
         )
+
+
+def test_jobs_validate_their_config_before_importing_torch_or_ray():
+    """A bad override must answer in about a second: every job file, the config tree and the
+    jobs' shared code import without torch, DeepSpeed or Ray (those load once the config is valid)."""
+    jobs = sorted(p.stem for p in (REPO_ROOT / "jobs").glob("*.py") if p.stem not in ("__init__", "submit", "export"))
+    code = (
+        "import sys, importlib; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/platform']; "
+        f"[importlib.import_module('jobs.' + name) for name in {jobs!r}]; "
+        "heavy = sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules); "
+        "print(' '.join(heavy)); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"importing the jobs loaded {result.stdout.strip()}\n{result.stderr[-2000:]}"
