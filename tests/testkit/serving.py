@@ -66,6 +66,7 @@ def deploy_for_test(export_dir: str, port: int, **overrides) -> Served:
         num_cpus=0.25,
         autoscaling=AutoscalingConfig(min_replicas=1, max_replicas=1),
         health_check_period_s=2.0,
+        graceful_shutdown_wait_loop_s=0.2,  # a deleted test app goes in a fraction of a second, not 2+ s
     )
     values.update(overrides)
     config = ServeConfig(**values)

@@ -346,6 +346,8 @@ def make_app(config: ServeConfig) -> Application:
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
         health_check_period_s=config.health_check_period_s,
         health_check_timeout_s=config.health_check_timeout_s,
+        graceful_shutdown_wait_loop_s=config.graceful_shutdown_wait_loop_s,
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
         **_replicas(config),
     )
     api_key = config.resolved_api_key()

@@ -106,6 +106,10 @@ class ServeConfig:
     # Health checks: Serve calls check_health every period and restarts a replica that fails.
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
+    # A replica being removed (scale-down, redeploy, delete) checks every wait_loop seconds whether its
+    # requests are done, and is killed after timeout seconds whatever it holds (Ray's defaults).
+    graceful_shutdown_wait_loop_s: float = 2.0
+    graceful_shutdown_timeout_s: float = 20.0
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     # The serve job blocks (prints the URL, serves until Ctrl-C); false: deploy and return.
     blocking: bool = True
@@ -149,6 +153,8 @@ class ServeConfig:
         require(
             self.health_check_timeout_s > 0, f"serve.health_check_timeout_s={self.health_check_timeout_s} must be > 0"
         )
+        for key in ("graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s"):
+            require(getattr(self, key) > 0, f"serve.{key}={getattr(self, key)} must be > 0")
         self.autoscaling.validate()
 
     @property
