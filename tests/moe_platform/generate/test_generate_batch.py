@@ -25,12 +25,12 @@ def prompts(count: int, start: int = 0) -> list[str]:
     return [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(1 + i % 5)) for i in range(start, start + count)]
 
 
-def write_input(root: Path) -> dict[str, str]:
-    """200 .jsonl prompts and 60 .parquet ones: {row id: prompt}."""
+def write_input(root: Path, jsonl_rows: int = 200, parquet_rows: int = 60) -> dict[str, str]:
+    """.jsonl prompts and .parquet ones (200 and 60 by default): {row id: prompt}."""
     root.mkdir()
-    jsonl = prompts(200)
+    jsonl = prompts(jsonl_rows)
     (root / "a.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in jsonl))
-    parquet = prompts(60, start=200)
+    parquet = prompts(parquet_rows, start=jsonl_rows)
     pq.write_table(pa.table({"prompt": parquet}), root / "b.parquet", row_group_size=16)
     return {**{f"a.jsonl:{i + 1}": p for i, p in enumerate(jsonl)},
             **{f"b.parquet#{i}": p for i, p in enumerate(parquet)}}
@@ -93,7 +93,8 @@ def test_the_output_is_instruction_data_for_prepare(generated, tiny_export, tmp_
 
 @pytest.mark.slow
 def test_a_killed_job_rerun_completes_every_row_exactly_once(job_env, tiny_export, tmp_path):
-    expected_prompts = write_input(tmp_path / "in")
+    # 15 parts of 4 rows (a.jsonl: 10, b.parquet: 5): enough to stop part-way, few to regenerate.
+    expected_prompts = write_input(tmp_path / "in", jsonl_rows=40, parquet_rows=20)
     output = tmp_path / "out"
     args = [f"generate.export_dir={tiny_export}", f"generate.input={tmp_path / 'in'}", f"generate.output={output}",
             "generate.max_tokens=24", "generate.rows_per_part=4", "generate.num_cpus_per_replica=0.5",
@@ -106,11 +107,11 @@ def test_a_killed_job_rerun_completes_every_row_exactly_once(job_env, tiny_expor
         time.sleep(0.2)
     job.kill()
     done = len(list(output.glob("part-*.parquet")))
-    assert 1 <= done < 65, "the job must be killed part-way"
+    assert 1 <= done < 15, "the job must be killed part-way"
 
     rerun = run_job("generate", *args, env=job_env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"65 parts ({done} already complete), 260 input rows" in rerun.stdout
+    assert f"15 parts ({done} already complete), 60 input rows" in rerun.stdout
     table = read_output(output)
     ids = table.column("id").to_pylist()
     assert sorted(ids) == sorted(expected_prompts) and len(ids) == len(set(ids))  # every row once
