@@ -75,6 +75,7 @@ def test_no_wait_returns_after_submitting(probe_project, dashboard):
     assert "job id: probe-" in result.stdout and "ray job logs --follow" in result.stdout
 
 
+@pytest.mark.slow  # a whole job submitted through the dashboard
 def test_a_real_job_of_ours_runs_with_the_real_runtime_env(dashboard):
     """`--cfg job` makes Hydra compose and print the job's config, then exit: the job's imports,
     config tree and the uploaded working_dir all work on the cluster, in seconds."""

@@ -74,6 +74,7 @@ def test_serve_overrides_reach_the_typed_config():
         compose_root("serve.autoscaling.min_replicas=4")
 
 
+@pytest.mark.slow  # the serve job as a process, deployed and left running
 def test_detached_job_leaves_the_app_serving_on_the_cluster(job_env, job_export, session_serve_port):
     from ray import serve
 
@@ -93,6 +94,7 @@ def test_detached_job_leaves_the_app_serving_on_the_cluster(job_env, job_export,
         serve.delete(name)
 
 
+@pytest.mark.slow  # the serve job as a process, until Ctrl-C
 def test_blocking_job_serves_until_ctrl_c_then_deletes_its_app(job_env, job_export, session_serve_port):
     from ray import serve
 

@@ -30,6 +30,7 @@ def mixtral_dir(tmp_path_factory) -> str:
     return str(root / "mixtral")
 
 
+@pytest.mark.slow  # a whole Ray Train finetune
 def test_finetune_from_a_transformers_mixtral_exports_what_transformers_reloads(ray_cluster, mixtral_dir,
                                                                                 tmp_path) -> None:
     dataset = write_dataset(str(tmp_path / "data"), train_rows=64, validation_rows=16, seed=3)
