@@ -71,11 +71,7 @@ class PromptEncoder:
         (and generate.template=auto), else as /v1/completions."""
         if self.template is None:
             return self.engine.encode(prompt)
-        from moe_platform.serve.chat import refuse_special_tokens
-
-        messages = [{"role": "user", "content": prompt}]
-        refuse_special_tokens(messages, list(self.engine.special_tokens))
-        return self.engine.encode_chat(self.template.render(messages))
+        return self.engine.encode_messages([{"role": "user", "content": prompt}])
 
 
 def generate_rows(engine: Any, scheduler: Any, rows: Sequence[PromptRow], settings: GenerateConfig) -> pa.Table:

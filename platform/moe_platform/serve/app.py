@@ -37,7 +37,6 @@ from moe_platform.serve.chat import (
     chat_response,
     new_chat_id,
     parse_chat_request,
-    refuse_special_tokens,
 )
 from moe_platform.serve.config import ServeConfig
 from moe_platform.serve.engine import Engine, GenerationJob, next_step
@@ -256,12 +255,10 @@ class CompletionServer:
         return jobs
 
     def _chat_job(self, parsed: ChatRequest) -> GenerationJob:
-        template = self.engine.chat_template
-        if template is None:
+        if self.engine.chat_template is None:
             raise APIError(400, "This model's export has no chat template (chat_template in tokenizer_config.json); "
                            "use /v1/completions", param="messages", code="no_chat_template")  # fmt: skip
-        refuse_special_tokens(parsed.messages, list(self.engine.special_tokens))
-        ids = self.engine.encode_chat(template.render(parsed.messages))
+        ids = self.engine.encode_messages(parsed.messages)
         check_context(len(ids), parsed.params.max_tokens, self.engine.context_length, 0)
         return GenerationJob(tuple(ids), parsed.params)
 

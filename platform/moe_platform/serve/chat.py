@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from moe.export import TOKENIZER_CONFIG_FILE, ExportError, read_chat_template, special_tokens
+from moe.export import TOKENIZER_CONFIG_FILE, ExportError, SpecialTokens, read_chat_template, special_tokens
 from moe_platform.serve.protocol import (
     check_fields,
     RequestLimits,
@@ -86,13 +86,14 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(str(message))
 
 
-def load_chat_template(export_dir: str) -> Optional[ChatTemplate]:
-    """The export's chat template (moe.export reads it), or None when it has none."""
+def load_chat_template(export_dir: str, tokens: Optional[SpecialTokens] = None) -> Optional[ChatTemplate]:
+    """The export's chat template (moe.export reads it), or None when it has none. `tokens`: the
+    export's special tokens when the caller already has them (read from the export otherwise)."""
     try:
         source = read_chat_template(export_dir)
         if source is None:
             return None
-        tokens = special_tokens(export_dir)
+        tokens = special_tokens(export_dir) if tokens is None else tokens
     except ExportError as exc:
         raise ChatTemplateError(str(exc)) from None
     try:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import torch
 
 from moe.export import DEFAULT_EOS as EOS_TOKEN, DEFAULT_PAD as PAD_TOKEN, ExportError  # noqa: F401 (re-exported)
-from moe_platform.serve.chat import ChatTemplate, ChatTemplateError, load_chat_template
+from moe_platform.serve.chat import ChatTemplate, ChatTemplateError, load_chat_template, refuse_special_tokens
 from moe_platform.serve.protocol import Prompt, SamplingParams
 from moe_platform.serve.text import Delta, TextStream
 
@@ -106,11 +106,12 @@ class Engine:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(export_tokenizer(export_dir)))
+        tokens = special_tokens(export_dir)
         try:
-            chat_template = load_chat_template(export_dir)
+            chat_template = load_chat_template(export_dir, tokens)
         except ChatTemplateError as exc:
             raise ExportError(f"serve.export_dir={export_dir!r}: {exc}") from None
-        return cls(model.eval(), tokenizer, special_tokens(export_dir), chat_template)
+        return cls(model.eval(), tokenizer, tokens, chat_template)
 
     # ---- text <-> ids ---------------------------------------------------------------------
 
@@ -121,6 +122,13 @@ class Engine:
             return list(prompt)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return ids or [self.eos_token_id]
+
+    def encode_messages(self, messages: List[Dict[str, str]]) -> List[int]:
+        """A conversation -> ids, as /v1/chat/completions encodes it: the export's chat template (the
+        caller checks there is one), the generation prompt after the last turn. A message that types
+        a special token is refused (APIError 400)."""
+        refuse_special_tokens(messages, list(self.special_tokens))
+        return self.encode_chat(self.chat_template.render(messages))
 
     def encode_chat(self, rendered: str) -> List[int]:
         """A rendered chat template -> ids: its special-token strings become those tokens (the
