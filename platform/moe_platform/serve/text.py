@@ -76,10 +76,15 @@ def _find_stop(text: str, stops: Tuple[str, ...], start: int) -> Optional[int]:
 
 
 def _held_back(text: str, stops: Tuple[str, ...]) -> int:
-    """How many trailing characters must wait: a partial UTF-8 character or a stop-string prefix."""
-    partial = len(text) - len(text.rstrip(REPLACEMENT_CHAR))
-    if partial:
-        return partial
+    """How many trailing characters must wait: a partial UTF-8 character or a stop-string prefix.
+
+    Lossy UTF-8 decoding (Python's and the tokenizers library's) turns an incomplete but valid
+    prefix of a character into exactly ONE U+FFFD, and invalid bytes into U+FFFDs of their own.
+    So only the last U+FFFD can still become a character; the ones before it are final, and
+    holding them back too would keep a stream of invalid bytes silent until the sequence ends.
+    """
+    if text.endswith(REPLACEMENT_CHAR):
+        return 1
     longest = 0
     for stop in stops:
         for n in range(min(len(stop) - 1, len(text)), longest, -1):

@@ -3,7 +3,7 @@ from moe_platform.serve.text import TextStream
 
 # A toy "tokenizer": token id -> bytes; decoding replaces incomplete UTF-8 like byte-level BPE does.
 EOS = 0
-VOCAB = {1: b"ab", 2: b"c", 3: b"\n", 4: "é".encode()[:1], 5: "é".encode()[1:], 6: b"END", 7: b"x"}
+VOCAB = {1: b"ab", 2: b"c", 3: b"\n", 4: "é".encode()[:1], 5: "é".encode()[1:], 6: b"END", 7: b"x", 8: b"\xff"}
 
 
 def decode(ids):
@@ -31,6 +31,13 @@ def test_text_is_released_token_by_token_and_eos_finishes_with_stop():
 def test_a_partial_utf8_character_waits_for_its_last_byte():
     deltas, _ = run([1, 4, 5, EOS])
     assert [d.text for d in deltas] == ["ab", "", "é", ""]
+
+
+def test_invalid_bytes_are_released_at_once_and_only_a_last_partial_character_waits():
+    # 0xff can never start a character: its U+FFFD is final. A random or broken model emits such
+    # bytes for many steps; holding every trailing U+FFFD kept its stream silent until the end.
+    deltas, _ = run([8, 8, 4, 5, 8, EOS])
+    assert [d.text for d in deltas] == ["", "\ufffd", "\ufffd", "é", "", "\ufffd"]
 
 
 def test_max_tokens_finishes_with_length():
