@@ -86,4 +86,13 @@ def smoke_run(ray_cluster, tmp_path_factory):
     return run_smoke(tmp_path_factory.mktemp("smoke"), _job_env(ray_cluster))
 
 
+@pytest.fixture(scope="session")
+def interrupted_sweep(ray_cluster, tmp_path_factory):
+    """One jobs/tune.py sweep interrupted with Ctrl-C after its first trial, then resumed to the end
+    (testkit.sweeps): the Tune job's tests and the sweep's tests read it."""
+    from testkit.sweeps import run_interrupted_sweep
+
+    return run_interrupted_sweep(tmp_path_factory.mktemp("sweep"), _job_env(ray_cluster))
+
+
 PYTHON = sys.executable

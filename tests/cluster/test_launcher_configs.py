@@ -95,7 +95,7 @@ def test_local_fake_autoscaling_config_follows_the_verified_recipe():
     assert config["available_node_types"]["ray.head.default"]["resources"] == {"CPU": 0}
     [worker] = worker_types(config).values()
     assert (worker["resources"], worker["min_workers"], worker["max_workers"]) == ({"CPU": 1}, 0, 2)
-    assert config["idle_timeout_minutes"] == 0.2
+    assert config["idle_timeout_minutes"] == 0.1
     commands = [k for k in config if k.endswith("_commands")]
     assert commands and all(config[k] == [] for k in commands)
 

@@ -2,7 +2,7 @@
 Ray autoscaler add worker nodes, the job succeeds on them, and the idle nodes go away.
 
 The cluster is Ray's fake_multinode provider driven by cluster/local/fake_autoscaling.yaml
-(head: 0 CPUs; workers: 1 CPU each, 0..2, idle timeout 12 s), started privately with its
+(head: 0 CPUs; workers: 1 CPU each, 0..2, idle timeout 6 s), started privately with its
 own ports and temp dir and torn down by PID (see fake_autoscaling_cluster.py).
 """
 
@@ -66,5 +66,5 @@ def test_a_job_larger_than_the_head_scales_the_cluster_up_and_back_down(fake_clu
 
     print(
         f"\nautoscaling: scale-up {scaled_up - submitted:.1f} s after submit, job {finished - submitted:.1f} s, "
-        f"scale-down {scaled_down - finished:.1f} s after the job ended (idle timeout 12 s)"
+        f"scale-down {scaled_down - finished:.1f} s after the job ended (idle timeout 6 s)"
     )

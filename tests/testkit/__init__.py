@@ -24,9 +24,12 @@ deepspeed_ops  DeepSpeed's JIT-built CPU op: built once per session; a stale bui
                                           reported by name instead of hanging every 2-process test
 
 smoke       SmokeRun, SMOKE_OVERRIDES      what the session's shared `make run` is and wrote
+sweeps      InterruptedSweep, sweep_settings   the session's one jobs/tune.py sweep (interrupted,
+                                          resumed) and its (base stage, tune section) in-process
 
-Session fixtures (tests/conftest.py): `ray_cluster`, `job_env`, `deepspeed_ops`, and
-`smoke_run`, one tiny `make run` shared by every test that needs a trained run or its export.
+Session fixtures (tests/conftest.py): `ray_cluster`, `job_env`, `deepspeed_ops`,
+`smoke_run`, one tiny `make run` shared by every test that needs a trained run or its export, and
+`interrupted_sweep`, one tiny Tune sweep shared by the Tune job's and the sweep's tests.
 
 The budget: `make test` under 10 minutes on 2 cores, `make test-fast` under 3. Each Ray Train
 run costs tens of seconds there, so a new feature's tests

@@ -73,7 +73,7 @@ def compare_exports(entries: Sequence[str], dataset_dir: str, *, split: str = "v
                     new_tokens: int = 32, task_sets: Sequence[Any] = (),
                     task_max_tokens: int = 32) -> list[ExportSummary]:
     """Score every entry on the same held-out rows and prompts (Ray must be up: rows stream via Ray Data)."""
-    from moe_platform.train.evaluation import evaluate_export
+    from moe_platform.train.evaluation import evaluate_export, held_out_batches
 
     from moe import load_export_config
 
@@ -83,11 +83,14 @@ def compare_exports(entries: Sequence[str], dataset_dir: str, *, split: str = "v
     prompt_tokens = max(1, min(prompt_tokens, context // 4))
     new_tokens = max(1, min(new_tokens, context - prompt_tokens))
     prompts = _prompts(dataset_dir, split, generate_batch, prompt_tokens)
+    # A bounded number of held-out batches is read once for every entry; the whole split streams per entry.
+    batches = None if max_batches is None else held_out_batches(dataset_dir, split=split, batch_size=batch_size,
+                                                                  max_batches=max_batches)
     rows = []
     for entry, (export_dir, int8) in zip(entries, parsed):
         model = load_model(export_dir, int8)
         report = evaluate_export(export_dir, dataset_dir, split=split, batch_size=batch_size,
-                                 max_batches=max_batches, model=model)
+                                 max_batches=max_batches, model=model, batches=batches)
         rows.append(ExportSummary(
             name=entry, export_dir=export_dir, int8=int8, loss=report.loss, perplexity=report.perplexity,
             params=model.config.num_params, active_params=model.config.num_active_params,

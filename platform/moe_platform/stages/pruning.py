@@ -77,7 +77,7 @@ def sweep_counts(num_experts: int, top_k: int, kept: int) -> list[int]:
 def prune_export_with_calibration(export_dir: str, dataset_dir: str, settings: PruneConfig) -> PruneReport:
     from moe import load_export, load_export_config
     from moe.prune import choose_experts, expert_usage, prune_export
-    from moe_platform.train.evaluation import evaluate_export
+    from moe_platform.train.evaluation import evaluate_export, held_out_batches
 
     settings.check_choice()
     config = load_export_config(export_dir)
@@ -97,9 +97,13 @@ def prune_export_with_calibration(export_dir: str, dataset_dir: str, settings: P
         usage_share=[(u / u.sum().clamp(min=1)).tolist() for u in usage],
     )
 
+    # Every pruned variant is scored on the same held-out rows: a bounded number is read once.
+    batches = None if settings.eval_batches is None else held_out_batches(
+        dataset_dir, split=settings.eval_split, batch_size=settings.batch_size, max_batches=settings.eval_batches)
+
     def score(directory: str, count: int) -> None:
         result = evaluate_export(directory, dataset_dir, split=settings.eval_split, batch_size=settings.batch_size,
-                                 max_batches=settings.eval_batches)
+                                 max_batches=settings.eval_batches, batches=batches)
         report.loss_by_kept[count] = result.loss
         report.params_by_kept[count] = load_export_config(directory).num_params
 

@@ -6,11 +6,12 @@ objectives and stages. Perplexity = exp(mean loss).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -135,35 +136,30 @@ def evaluate_export(
     batch_size: int = 8,
     max_batches: Optional[int] = None,
     model: Optional[torch.nn.Module] = None,
+    batches: Optional[Sequence[dict]] = None,
 ) -> EvaluationReport:
     """Perplexity and routing statistics of an export on a prepared split, in this process.
 
     Rows stream through Ray Data (local paths or URIs); the model runs on CPU at
     expert-parallel size 1, whatever it was trained with. `model`: that export already
-    loaded (and perhaps transformed, e.g. quantized) by the caller.
+    loaded (and perhaps transformed, e.g. quantized) by the caller. `batches`: the split's
+    batches already read by `held_out_batches`, when several models are scored on the same rows.
     """
     from moe import load_export
-    from moe_platform.train.batches import read_columns
-    from moe_platform.train.plan import LOSS_MASK_COLUMN, load_manifest
+    from moe_platform.train.plan import load_manifest
 
     manifest = load_manifest(dataset_dir)
-    paths = manifest.split_paths(split)
-    if not paths:
-        raise ValueError(f"split {split!r} of {manifest.dataset_dir} has no rows to evaluate")
+    rows = batches if batches is not None else _stream_batches(manifest, split, batch_size)
     model = model if model is not None else load_export(export_dir)
     _check_fits(model, manifest, export_dir)
     model.set_routing_stats(True)
-    columns = ["tokens"] + ([LOSS_MASK_COLUMN] if LOSS_MASK_COLUMN in manifest.columns else [])
-    dataset = read_columns(paths, columns)
-    dataset.context.enable_progress_bars = False
-    dtypes = {"tokens": torch.int32, LOSS_MASK_COLUMN: torch.int8}
     started = time.perf_counter()
-    loss_sum, tokens, batches, routing = 0.0, 0, 0, None
-    for batch in dataset.iter_torch_batches(batch_size=batch_size, dtypes={c: dtypes[c] for c in columns}):
-        if max_batches is not None and batches >= max_batches:
+    loss_sum, tokens, count, routing = 0.0, 0, 0, None
+    for batch in rows:
+        if max_batches is not None and count >= max_batches:
             break
         batch_loss, batch_tokens = token_loss_sum(model, [batch])
-        loss_sum, tokens, batches = loss_sum + batch_loss, tokens + batch_tokens, batches + 1
+        loss_sum, tokens, count = loss_sum + batch_loss, tokens + batch_tokens, count + 1
         routing = _accumulate(routing, aggregate_routing(model.routing_stats(), all_reduce=False))
     loss = loss_sum / max(tokens, 1)
     return EvaluationReport(
@@ -173,10 +169,33 @@ def evaluate_export(
         loss=loss,
         perplexity=safe_exp(loss),
         tokens=tokens,
-        batches=batches,
+        batches=count,
         seconds=time.perf_counter() - started,
-        routing=_averaged(routing, batches),
+        routing=_averaged(routing, count),
     )
+
+
+def held_out_batches(dataset_dir: str, *, split: str = "validation", batch_size: int = 8,
+                     max_batches: int = 20) -> list[dict]:
+    """The split's first `max_batches` batches, read once: each Ray Data read costs seconds, and a
+    comparison or a pruning sweep scores several models on the same rows."""
+    from moe_platform.train.plan import load_manifest
+
+    return list(itertools.islice(_stream_batches(load_manifest(dataset_dir), split, batch_size), max_batches))
+
+
+def _stream_batches(manifest, split: str, batch_size: int) -> Iterator[dict]:
+    from moe_platform.train.batches import read_columns
+    from moe_platform.train.plan import LOSS_MASK_COLUMN
+
+    paths = manifest.split_paths(split)
+    if not paths:
+        raise ValueError(f"split {split!r} of {manifest.dataset_dir} has no rows to evaluate")
+    columns = ["tokens"] + ([LOSS_MASK_COLUMN] if LOSS_MASK_COLUMN in manifest.columns else [])
+    dataset = read_columns(paths, columns)
+    dataset.context.enable_progress_bars = False
+    dtypes = {"tokens": torch.int32, LOSS_MASK_COLUMN: torch.int8}
+    return iter(dataset.iter_torch_batches(batch_size=batch_size, dtypes={c: dtypes[c] for c in columns}))
 
 
 def _check_fits(model: torch.nn.Module, manifest, export_dir: str) -> None:

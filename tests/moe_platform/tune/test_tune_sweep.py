@@ -1,10 +1,11 @@
 """A real sweep on the session's local Ray: Tune -> Ray Train -> DeepSpeed, ASHA, TensorBoard, best export.
 
-Three trials of the tiny stage (12 steps, a validation and a report every 4 steps, one
-worker of 0.5 CPU each, two at a time). The grid puts a learning rate too small to learn
-last, so when it reaches ASHA's first rung (step 4) the others are already recorded there
-and it is stopped. Then the finished sweep is run again (Tune restores it and reruns
-nothing) and a different config in the same directory is refused.
+The session's `interrupted_sweep` (testkit.sweeps: jobs/tune.py interrupted after its first trial,
+then resumed): three trials of the tiny stage (12 steps, a validation and a report every 4 steps,
+one worker of 0.5 CPU, one at a time). The grid puts a learning rate too small to learn last, so
+when it reaches ASHA's first rung (step 4) the others are already recorded there and it is
+stopped. Here the finished sweep is run again in-process (Tune restores it and reruns nothing),
+and a different config in the same directory is refused.
 """
 from __future__ import annotations
 
@@ -15,34 +16,22 @@ import os
 import time
 
 import pytest
-from testkit.datasets import write_dataset
-from testkit.training import event_accumulator, sweep_base_stage
+from testkit.sweeps import BAD_LR, GOOD_LR, MIDDLE_LR, STEPS, sweep_settings
+from testkit.training import event_accumulator
 
 from moe import load_export
-from moe_platform.tune import ParamSpec, TuneConfig, TuneConfigError, prepare_sweep, run_sweep
+from moe_platform.tune import ParamSpec, TuneConfigError, prepare_sweep, run_sweep
 from moe_platform.tune.hparams import read_sessions
 from moe_platform.tune.results import FINISHED, STOPPED_EARLY
 
 pytestmark = pytest.mark.slow
 
-GOOD_LR, BAD_LR = 1e-2, 1e-5
-
-
-def sweep_config(output_dir: str, **changes) -> TuneConfig:
-    settings = dict(
-        space=[ParamSpec(key="trainer.lr", kind="grid", values=[GOOD_LR, 3e-3, BAD_LR]),
-               ParamSpec(key="model.moe.top_k", kind="choice", values=[1, 2])],
-        num_samples=1, max_concurrent_trials=2, grace_period=4, reduction_factor=2.0, output_dir=output_dir,
-    )
-    settings.update(changes)
-    return TuneConfig(**settings)
-
 
 @pytest.fixture(scope="module")
-def finished_sweep(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    base = sweep_base_stage(write_dataset(str(root / "dataset")))
-    plan = prepare_sweep(base, sweep_config(str(root / "tune")))
+def finished_sweep(interrupted_sweep):
+    """(base stage, plan, result): the session's finished sweep, summarised again in-process."""
+    base, tune = sweep_settings(interrupted_sweep)
+    plan = prepare_sweep(base, tune)
     return base, plan, run_sweep(plan)
 
 
@@ -50,9 +39,9 @@ def test_asha_stops_the_trial_that_cannot_learn(finished_sweep):
     _, _, result = finished_sweep
     assert result.complete and len(result.rows) == 3
     by_lr = {row.params["trainer.lr"]: row for row in result.rows}
-    assert by_lr[BAD_LR].status == STOPPED_EARLY and by_lr[BAD_LR].steps < 12
+    assert by_lr[BAD_LR].status == STOPPED_EARLY and by_lr[BAD_LR].steps < STEPS
     assert result.best is not None and result.best.params["trainer.lr"] == GOOD_LR
-    assert result.best.status == FINISHED and result.best.steps == 12
+    assert result.best.status == FINISHED and result.best.steps == STEPS
     assert result.best.last_metric < by_lr[BAD_LR].last_metric - 0.3
     assert result.rows[0] is result.best  # best first
 
@@ -77,7 +66,7 @@ def test_tensorboard_has_hparams_and_training_curves_per_trial(finished_sweep):
     _, plan, result = finished_sweep
     sessions = read_sessions(plan.trials_dir)
     assert {run.split("/")[0] for run in sessions} == {row.trial_id for row in result.rows}
-    assert sorted(values["trainer.lr"] for values in sessions.values()) == sorted([GOOD_LR, 3e-3, BAD_LR])
+    assert sorted(values["trainer.lr"] for values in sessions.values()) == sorted([GOOD_LR, MIDDLE_LR, BAD_LR])
     best_run = event_accumulator(os.path.join(result.best.run_dir, "tensorboard"))
     assert [event.step for event in best_run.Scalars("val/loss")] == [4, 8, 12]
     assert "train/loss" in best_run.Tags()["scalars"] and "tune/best_metric" in best_run.Tags()["scalars"]
@@ -98,11 +87,15 @@ def test_best_trial_is_exported_and_loads(finished_sweep):
         assert json.load(fh)["trainer"]["lr"] == GOOD_LR
 
 
-def test_running_a_finished_sweep_again_reruns_no_trial(finished_sweep):
+def test_running_a_finished_sweep_again_reruns_no_trial(finished_sweep, interrupted_sweep):
     base, plan, result = finished_sweep
+    # The resumed job's own summary: the in-process one read the same trials back.
+    ran = interrupted_sweep.results["trials"]
+    assert [(row.trial_id, row.status, row.last_metric) for row in result.rows] == \
+        [(trial["trial_id"], trial["status"], trial["last_metric"]) for trial in ran]
     progress = {row.trial_id: _mtime(os.path.join(row.run_dir, "checkpoints")) for row in result.rows}
     started = time.monotonic()
-    again = run_sweep(prepare_sweep(base, sweep_config(plan.output_dir)))
+    again = run_sweep(prepare_sweep(base, plan.tune))
     assert time.monotonic() - started < 60  # restored from Tune's saved state, nothing trained
     assert [(row.trial_id, row.status, row.last_metric) for row in again.rows] == \
         [(row.trial_id, row.status, row.last_metric) for row in result.rows]
@@ -111,13 +104,14 @@ def test_running_a_finished_sweep_again_reruns_no_trial(finished_sweep):
 
 def test_a_different_sweep_in_the_same_directory_is_refused(finished_sweep):
     base, plan, _ = finished_sweep
-    other = sweep_config(plan.output_dir, space=[ParamSpec(key="trainer.lr", kind="grid", values=[GOOD_LR, 3e-3]),
-                                                 ParamSpec(key="model.moe.top_k", kind="choice", values=[1, 2])])
+    space = [ParamSpec(key="trainer.lr", kind="grid", values=[GOOD_LR, MIDDLE_LR]),
+             ParamSpec(key="model.moe.top_k", kind="choice", values=[1, 2])]
+    other = dataclasses.replace(plan.tune, space=space)
     with pytest.raises(TuneConfigError, match=r"holds a sweep with a different config \(tune.space.trainer.lr.values="):
         run_sweep(prepare_sweep(base, other))
     longer = dataclasses.replace(base, trainer=dataclasses.replace(base.trainer, max_steps=16))
     with pytest.raises(TuneConfigError, match=r"different config \(trainer.max_steps=12 there, 16 now\)"):
-        run_sweep(prepare_sweep(longer, sweep_config(plan.output_dir)))
+        run_sweep(prepare_sweep(longer, plan.tune))
 
 
 def _mtime(directory: str) -> dict[str, float]:
