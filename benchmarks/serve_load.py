@@ -110,7 +110,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def random_export(directory: str) -> str:
-    """The default ModelConfig (d_model 256, 4 layers, 8 experts, top-2, 256-token context), 512-token vocab."""
+    """The default ModelConfig (d_model 256, 4 layers, its default experts and top_k, 256-token context), 512-token vocab."""
     import dataclasses
 
     from moe import ModelConfig
