@@ -22,6 +22,7 @@ def test_make_run_again_reuses_the_dataset_and_the_finished_run(smoke_run, job_e
     assert f"Reused dataset {smoke_run.dataset_dir}" in out
     assert "done in " in out and f"{STEPS} steps, final training loss" in out
     assert sorted(p.name for p in (smoke_run.run_dir / "checkpoints").iterdir()) == checkpoints  # nothing retrained
+    assert "already finished its" in result.stdout + result.stderr  # ...and no Ray Train worker group started
     # The last lines say where everything is and how to look at it.
     assert f"checkpoints  {smoke_run.run_dir / 'checkpoints'}" in out
     assert f"export       {smoke_run.export_dir}" in out

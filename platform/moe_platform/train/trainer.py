@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from moe_platform.data import storage
-from moe_platform.train.checkpointing import CheckpointError
+from moe_platform.train.checkpointing import TRAIN_STATE_FILE, CheckpointError, latest_complete_checkpoint
 from moe_platform.train.config import StageConfig, TrainConfigError
 from moe_platform.train.batches import build_datasets, data_config
 from moe_platform.train.checkpoint_export import export_checkpoint
@@ -153,14 +153,24 @@ def build_trainer(stage: StageConfig, *, callbacks: tuple = (), config_yaml: Opt
 
 
 def _build(stage: StageConfig, callbacks: tuple, config_yaml: Optional[str]):
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    stage, plan, resuming = _claim(stage, config_yaml)
+    return _torch_trainer(stage, plan, resuming, callbacks), stage
 
+
+def _claim(stage: StageConfig, config_yaml: Optional[str]) -> tuple[StageConfig, TrainPlan, bool]:
+    """Check the stage and claim its run.output_dir; -> (stage, plan, resuming)."""
     stage, plan = prepare_stage(stage)
     resuming = claim_output_dir(stage)
     if config_yaml is not None:
         with open(os.path.join(stage.run.output_dir, CONFIG_YAML_FILE), "w") as fh:
             fh.write(config_yaml)
+    return stage, plan, resuming
+
+
+def _torch_trainer(stage: StageConfig, plan: TrainPlan, resuming: bool, callbacks: tuple):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     trainer = stage.trainer
     resources = {"CPU": trainer.cpus_per_worker, **({"GPU": 1} if trainer.use_gpu else {})}
     log.info(
@@ -187,17 +197,26 @@ def _build(stage: StageConfig, callbacks: tuple, config_yaml: Optional[str]):
             callbacks=[ProgressCallback(total_steps=plan.total_steps), *callbacks],
         ),
     )
-    return torch_trainer, stage
+    return torch_trainer
 
 
 def train(stage: StageConfig, *, callbacks: tuple = (), config_yaml: Optional[str] = None) -> TrainResult:
-    """Train (or resume) a stage to its end, then export the last checkpoint if run.export."""
-    trainer, stage = _build(stage, callbacks, config_yaml)
+    """Train (or resume) a stage to its end, then export the last checkpoint if run.export.
+
+    A run whose newest complete checkpoint is already at the last step is not started again: a
+    second `make run`, or a pipeline rerun, costs no Ray Train worker group.
+    """
+    stage, plan, resuming = _claim(stage, config_yaml)
     output_dir = stage.run.output_dir
-    result = fit_or_explain(trainer)
-    if result.checkpoint is None:
-        raise TrainingError(f"training in {output_dir} finished without a checkpoint")
-    checkpoint_dir = result.checkpoint.path
+    finished = finished_checkpoint(output_dir, plan.total_steps) if resuming else None
+    if finished is not None:
+        checkpoint_dir, metrics = finished
+        log.info("the run in %s already finished its %d steps: not training again", output_dir, plan.total_steps)
+    else:
+        result = fit_or_explain(_torch_trainer(stage, plan, resuming, callbacks))
+        if result.checkpoint is None:
+            raise TrainingError(f"training in {output_dir} finished without a checkpoint")
+        checkpoint_dir, metrics = result.checkpoint.path, dict(result.metrics or {})
     export_dir = None
     if stage.run.export:
         export_dir = export_checkpoint(checkpoint_dir, os.path.join(output_dir, EXPORT_DIR))
@@ -206,8 +225,20 @@ def train(stage: StageConfig, *, callbacks: tuple = (), config_yaml: Optional[st
         tensorboard_dir=os.path.join(output_dir, TENSORBOARD_DIR),
         checkpoint_dir=checkpoint_dir,
         export_dir=export_dir,
-        metrics=dict(result.metrics or {}),
+        metrics=metrics,
     )
+
+
+def finished_checkpoint(output_dir: str, total_steps: int) -> Optional[tuple[str, dict]]:
+    """(checkpoint, its final report's metrics) when the newest complete checkpoint is at total_steps."""
+    checkpoint = latest_complete_checkpoint(os.path.join(output_dir, CHECKPOINTS_DIR))
+    if checkpoint is None:
+        return None
+    with open(os.path.join(checkpoint, TRAIN_STATE_FILE)) as fh:
+        state = json.load(fh)
+    if state.get("step") != total_steps:
+        return None
+    return checkpoint, {**state.get("metrics", {}), "step": state["step"], "total_steps": total_steps}
 
 
 def fit_or_explain(trainer):
