@@ -6,16 +6,19 @@
         serve.autoscaling.max_replicas=4 serve.port=8080
     MOE_SERVE_API_KEY=secret python jobs/serve.py serve.export_dir=outputs/export
 
-Blocks and serves until Ctrl-C. `serve.blocking=false` deploys and returns: on a
+Blocks and serves until Ctrl-C (or SIGTERM). `serve.blocking=false` deploys and returns: on a
 running cluster (RAY_ADDRESS) the application keeps serving after this process
 exits; against a local Ray started by this process it ends with it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import time
+from typing import Iterator
 
 from jobs.common import ConfigError, init_ray, job
 from jobs.config import RootConfig
@@ -47,11 +50,26 @@ def wait_until_interrupted(config: ServeConfig) -> None:
 
     print("serving until Ctrl-C")
     try:
-        while True:
-            time.sleep(1.0)
+        with sigterm_as_interrupt():
+            while True:
+                time.sleep(1.0)
     except KeyboardInterrupt:
         log.info("stopping: deleting Serve application %r", config.app_name)
         undeploy(config)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, `docker stop`, a process manager) stops the server the way Ctrl-C does:
+    the application is deleted and the job exits 0, instead of Ray's default of dying mid-call."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_export_dir(config: RootConfig) -> ServeConfig:

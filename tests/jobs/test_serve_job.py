@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 
 import pytest
@@ -72,6 +73,24 @@ def test_serve_overrides_reach_the_typed_config():
     assert (config.serve.export_dir, config.serve.autoscaling.max_replicas, config.serve.num_cpus) == ("/e", 3, 0.25)
     with pytest.raises(ConfigError, match=r"serve\.autoscaling\.min_replicas=4 must be <= "):
         compose_root("serve.autoscaling.min_replicas=4")
+
+
+def test_sigterm_stops_the_blocking_wait_like_ctrl_c():
+    from jobs.serve import sigterm_as_interrupt
+
+    received = []  # a harmless handler around the test, so a broken context cannot kill pytest
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.append("outer"))
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the path that deletes the app and exits 0
+            with sigterm_as_interrupt():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1.0)  # Python runs the handler here at the latest
+        assert received == []
+        os.kill(os.getpid(), signal.SIGTERM)  # afterwards the handler before it is back
+        time.sleep(0.1)
+        assert received == ["outer"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.slow  # the serve job as a process, deployed and left running
