@@ -83,9 +83,7 @@ def compare_exports(entries: Sequence[str], dataset_dir: str, *, split: str = "v
     prompt_tokens = max(1, min(prompt_tokens, context // 4))
     new_tokens = max(1, min(new_tokens, context - prompt_tokens))
     prompts = _prompts(dataset_dir, split, generate_batch, prompt_tokens)
-    # A bounded number of held-out batches is read once for every entry; the whole split streams per entry.
-    batches = None if max_batches is None else held_out_batches(dataset_dir, split=split, batch_size=batch_size,
-                                                                  max_batches=max_batches)
+    batches = held_out_batches(dataset_dir, split=split, batch_size=batch_size, max_batches=max_batches)
     rows = []
     for entry, (export_dir, int8) in zip(entries, parsed):
         model = load_model(export_dir, int8)

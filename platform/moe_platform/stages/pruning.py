@@ -97,9 +97,9 @@ def prune_export_with_calibration(export_dir: str, dataset_dir: str, settings: P
         usage_share=[(u / u.sum().clamp(min=1)).tolist() for u in usage],
     )
 
-    # Every pruned variant is scored on the same held-out rows: a bounded number is read once.
-    batches = None if settings.eval_batches is None else held_out_batches(
-        dataset_dir, split=settings.eval_split, batch_size=settings.batch_size, max_batches=settings.eval_batches)
+    # Every pruned variant is scored on the same held-out rows.
+    batches = held_out_batches(dataset_dir, split=settings.eval_split, batch_size=settings.batch_size,
+                               max_batches=settings.eval_batches)
 
     def score(directory: str, count: int) -> None:
         result = evaluate_export(directory, dataset_dir, split=settings.eval_split, batch_size=settings.batch_size,

@@ -176,11 +176,14 @@ def evaluate_export(
 
 
 def held_out_batches(dataset_dir: str, *, split: str = "validation", batch_size: int = 8,
-                     max_batches: int = 20) -> list[dict]:
+                     max_batches: Optional[int] = 20) -> Optional[list[dict]]:
     """The split's first `max_batches` batches, read once: each Ray Data read costs seconds, and a
-    comparison or a pruning sweep scores several models on the same rows."""
+    comparison or a pruning sweep scores several models on the same rows. None when max_batches is
+    None: a whole split is not held in memory, evaluate_export streams it per model instead."""
     from moe_platform.train.plan import load_manifest
 
+    if max_batches is None:
+        return None
     return list(itertools.islice(_stream_batches(load_manifest(dataset_dir), split, batch_size), max_batches))
 
 

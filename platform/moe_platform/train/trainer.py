@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from moe_platform.data import storage
-from moe_platform.train.checkpointing import TRAIN_STATE_FILE, CheckpointError, latest_complete_checkpoint
+from moe_platform.train.checkpointing import CheckpointError, latest_complete_checkpoint, read_train_state
 from moe_platform.train.config import StageConfig, TrainConfigError
 from moe_platform.train.batches import build_datasets, data_config
 from moe_platform.train.checkpoint_export import export_checkpoint
@@ -234,8 +234,7 @@ def finished_checkpoint(output_dir: str, total_steps: int) -> Optional[tuple[str
     checkpoint = latest_complete_checkpoint(os.path.join(output_dir, CHECKPOINTS_DIR))
     if checkpoint is None:
         return None
-    with open(os.path.join(checkpoint, TRAIN_STATE_FILE)) as fh:
-        state = json.load(fh)
+    state = read_train_state(checkpoint)
     if state.get("step") != total_steps:
         return None
     return checkpoint, {**state.get("metrics", {}), "step": state["step"], "total_steps": total_steps}
