@@ -20,14 +20,19 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) jobs/main.py $(ARGS)
 
+# Two pytest-xdist workers, each with its own local Ray: most of an end-to-end test is waiting
+# on process start-up and Ray's scheduling, so two at a time fill a 2-core machine. A work unit
+# is a test module, or the modules sharing one job run (tests/conftest.py). XDIST= runs serially.
+XDIST ?= -n 2 --dist loadgroup
+
 # The whole suite (CI runs this). pytest exits 5 when it collects no test; make propagates
 # any non-zero exit.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The quick loop while you work: everything except the end-to-end jobs marked `slow`.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -32,6 +32,30 @@ TRAIN_POLL_INTERVAL_S = "0.25"
 SERVE_METRIC_PUSH_INTERVAL_S = "0.5"
 
 
+# Session fixtures that each cost a whole job run: every test that reads one must run in the same
+# pytest-xdist worker, or each worker would run the job again.
+SHARED_RUNS = ("smoke_run", "interrupted_sweep")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Work units for `make test`'s two xdist workers (`-n 2 --dist loadgroup`): a test module runs
+    whole on one worker, so its module fixtures are built once, and modules that read the same
+    shared run (SHARED_RUNS) form one unit. Without xdist the marks do nothing."""
+    unit = {}  # module or shared-run name -> the name it was merged into (union-find)
+
+    def find(name: str) -> str:
+        while unit.setdefault(name, name) != name:
+            name = unit[name]
+        return name
+
+    for item in items:
+        for run in SHARED_RUNS:
+            if run in item.fixturenames:
+                unit[find(item.module.__name__)] = find(run)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(find(item.module.__name__)))
+
+
 @pytest.fixture(scope="session")
 def deepspeed_ops():
     """DeepSpeed's CPU comm op built once, before any rank or Train worker loads it (testkit.deepspeed_ops)."""
