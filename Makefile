@@ -20,10 +20,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) jobs/main.py $(ARGS)
 
-# Two pytest-xdist workers, each with its own local Ray: most of an end-to-end test is waiting
-# on process start-up and Ray's scheduling, so two at a time fill a 2-core machine. A work unit
-# is a test module, or the modules sharing one job run (tests/conftest.py). XDIST= runs serially.
-XDIST ?= -n 2 --dist loadgroup
+# Two pytest-xdist workers: one runs every test that uses Ray (one local Ray instance), the other
+# the tests without Ray meanwhile (tests/testkit/xdist_units.py). XDIST= runs serially.
+XDIST ?= -n 2
 
 # The whole suite (CI runs this). pytest exits 5 when it collects no test; make propagates
 # any non-zero exit.

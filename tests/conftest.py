@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from testkit import xdist_units
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,28 +33,24 @@ TRAIN_POLL_INTERVAL_S = "0.25"
 SERVE_METRIC_PUSH_INTERVAL_S = "0.5"
 
 
-# Session fixtures that each cost a whole job run: every test that reads one must run in the same
-# pytest-xdist worker, or each worker would run the job again.
-SHARED_RUNS = ("smoke_run", "interrupted_sweep")
+def pytest_configure(config):
+    if xdist_units.is_controller(config):
+        xdist_units.name_ray_tests_file()
+
+
+def pytest_unconfigure(config):
+    if xdist_units.is_controller(config):
+        xdist_units.remove_ray_tests_file()
 
 
 def pytest_collection_modifyitems(config, items):
-    """Work units for `make test`'s two xdist workers (`-n 2 --dist loadgroup`): a test module runs
-    whole on one worker, so its module fixtures are built once, and modules that read the same
-    shared run (SHARED_RUNS) form one unit. Without xdist the marks do nothing."""
-    unit = {}  # module or shared-run name -> the name it was merged into (union-find)
+    xdist_units.write_ray_tests(items)
 
-    def find(name: str) -> str:
-        while unit.setdefault(name, name) != name:
-            name = unit[name]
-        return name
 
-    for item in items:
-        for run in SHARED_RUNS:
-            if run in item.fixturenames:
-                unit[find(item.module.__name__)] = find(run)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(find(item.module.__name__)))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two workers: one takes every Ray test, the other the rest (testkit.xdist_units)."""
+    return xdist_units.RayTestsOnOneWorker(config, log)
 
 
 @pytest.fixture(scope="session")
