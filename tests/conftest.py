@@ -3,7 +3,9 @@
 Tests that need Ray take `ray_cluster`. It starts Ray once with a few logical
 CPUs on this 2-core box (train workers use fractional CPUs so Ray Data is never
 starved), and exports RAY_ADDRESS so jobs run as subprocesses join the same
-instance instead of starting their own.
+instance instead of starting their own. Under `make test`'s two pytest-xdist workers every
+test that takes `ray_cluster` runs on the same worker, so there is still one Ray instance
+(testkit.xdist_units).
 """
 from __future__ import annotations
 
