@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     from jobs.common import compose_config, init_ray
 
     dataset_dir = os.path.abspath(args.dataset_dir)
+    if not glob.glob(os.path.join(dataset_dir, "train", "*.parquet")):
+        parser.error(f"no prepared dataset at --dataset-dir {dataset_dir} (no train/*.parquet): "
+                     "run `python jobs/prepare.py` first or name one")
     config = compose_config([f"data.dataset_dir={dataset_dir}", f"trainer.max_steps={args.steps}"])
     before = bare_loop(config, dataset_dir, steps=args.steps)
     init_ray()
