@@ -12,6 +12,7 @@ from moe_platform.train import batches
 
 
 def _rows(dataset) -> list[dict]:
+    dataset.context.execution_options.preserve_order = True  # as training reads (batches.data_config)
     return [{name: list(value) for name, value in row.items()} for row in dataset.iter_rows()]
 
 
