@@ -26,6 +26,8 @@ deepspeed_ops  DeepSpeed's JIT-built CPU op: built once per session; a stale bui
 smoke       SmokeRun, SMOKE_OVERRIDES      what the session's shared `make run` is and wrote
 sweeps      InterruptedSweep, sweep_settings   the session's one jobs/tune.py sweep (interrupted,
                                           resumed) and its (base stage, tune section) in-process
+xdist_units RayTestsOnOneWorker           `make test`'s xdist scheduler: every test that takes
+                                          `ray_cluster` on one worker (one Ray), the rest beside it
 
 Session fixtures (tests/conftest.py): `ray_cluster`, `job_env`, `deepspeed_ops`,
 `smoke_run`, one tiny `make run` shared by every test that needs a trained run or its export, and
