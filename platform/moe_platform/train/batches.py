@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from moe_platform.data.storage import is_uri
 from moe_platform.train.config import TrainerConfig
 from moe_platform.train.plan import LOSS_MASK_COLUMN, TaskPlan, TrainPlan
 
@@ -85,7 +86,7 @@ def read_columns(paths, columns):
 
 def _local_bytes(paths: list[str]) -> float:
     """Total size of local files; infinite for none, a URI or a missing file (read_parquet reports it)."""
-    if not paths or any("://" in str(path) or not os.path.isfile(path) for path in paths):
+    if not paths or any(is_uri(str(path)) or not os.path.isfile(path) for path in paths):
         return float("inf")
     return sum(os.path.getsize(path) for path in paths)
 
