@@ -108,3 +108,24 @@ def sweep_settings(sweep: InterruptedSweep):
 
     config = compose_config(list(sweep.overrides))
     return pretrain_stage(config), config.tune
+
+
+def trial_in_a_finished_run_dir(params: dict, *, finished_run_dir: str, base, trials_dir: str) -> None:
+    """The sweep's trainable (run_trial) in a run directory that already holds a finished trial's
+    run: what a trial resumes into when Ctrl-C lands after its last checkpoint but before Tune
+    records it as finished."""
+    import shutil
+
+    from ray import tune
+
+    from moe_platform.train.trainer import CONFIG_FILE
+    from moe_platform.tune.sweep import run_trial
+
+    run_dir = shutil.copytree(finished_run_dir, os.path.join(trials_dir, tune.get_context().get_trial_id()))
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    with open(config_path) as fh:
+        config = json.load(fh)
+    config["run"]["output_dir"] = run_dir  # the copy is that trial's run, moved
+    with open(config_path, "w") as fh:
+        json.dump(config, fh)
+    run_trial(params, base=base, trials_dir=trials_dir)

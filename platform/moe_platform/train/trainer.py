@@ -68,6 +68,7 @@ class TrainResult:
     checkpoint_dir: Optional[str]  # the last checkpoint
     export_dir: Optional[str]  # None when run.export is off
     metrics: dict[str, Any]  # the last checkpoint's report (rank 0)
+    already_finished: bool = False  # True when the run had finished before: nothing trained, nothing reported
 
 
 # ---- pre-flight ------------------------------------------------------------------------------
@@ -226,6 +227,7 @@ def train(stage: StageConfig, *, callbacks: tuple = (), config_yaml: Optional[st
         checkpoint_dir=checkpoint_dir,
         export_dir=export_dir,
         metrics=metrics,
+        already_finished=finished is not None,
     )
 
 

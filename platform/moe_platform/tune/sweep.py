@@ -158,7 +158,12 @@ def run_trial(params: dict[str, Any], *, base: StageConfig, trials_dir: str) -> 
     stage = trial_stage(base, values, os.path.join(trials_dir, trial_id))
     group = ", ".join(hydra_override(key, value) for key, value in sorted(values.items()))
     hparams.write_session_start(os.path.join(stage.run.output_dir, TENSORBOARD_DIR), values, group_name=group)
-    train(stage, callbacks=(TuneReportCallback(),))
+    result = train(stage, callbacks=(TuneReportCallback(),))
+    if result.already_finished:
+        # Ctrl-C can land after a trial's last checkpoint but before Tune records the trial as
+        # finished. Resumed, it trains nothing and reports nothing, and Tune fails a trial that ends
+        # without its metric: hand Tune the last checkpoint's report again.
+        tune.report(result.metrics)
 
 
 def _trial_dirname(trial) -> str:

@@ -16,7 +16,7 @@ import os
 import time
 
 import pytest
-from testkit.sweeps import BAD_LR, GOOD_LR, MIDDLE_LR, STEPS, sweep_settings
+from testkit.sweeps import BAD_LR, GOOD_LR, MIDDLE_LR, STEPS, sweep_settings, trial_in_a_finished_run_dir
 from testkit.training import event_accumulator
 
 from moe import load_export
@@ -100,6 +100,30 @@ def test_running_a_finished_sweep_again_reruns_no_trial(finished_sweep, interrup
     assert [(row.trial_id, row.status, row.last_metric) for row in again.rows] == \
         [(row.trial_id, row.status, row.last_metric) for row in result.rows]
     assert {row.trial_id: _mtime(os.path.join(row.run_dir, "checkpoints")) for row in again.rows} == progress
+
+
+def test_a_trial_resumed_after_its_last_checkpoint_reports_it_again(finished_sweep, tmp_path):
+    """Ctrl-C can land after a trial's last checkpoint but before Tune records the trial as finished.
+    Resumed, the trial trains nothing; it must still give Tune its metric, or Tune fails the sweep."""
+    import testkit.sweeps
+    from ray import cloudpickle, tune
+
+    cloudpickle.register_pickle_by_value(testkit.sweeps)  # Ray's workers cannot import the tests' helpers
+    base, plan, result = finished_sweep
+    row = next(row for row in result.rows if row.status == FINISHED)
+    trainable = tune.with_parameters(trial_in_a_finished_run_dir, finished_run_dir=row.run_dir, base=plan.base,
+                                     trials_dir=str(tmp_path / "trials"))
+    grid = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 0.01}),
+        param_space=row.params,
+        tune_config=tune.TuneConfig(metric=plan.tune.metric, mode=plan.tune.mode),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "experiment")),
+    ).fit()
+    assert not grid.errors
+    assert grid[0].metrics[plan.tune.metric] == pytest.approx(row.last_metric)
+    assert grid[0].metrics["step"] == STEPS
+    resumed = tmp_path / "trials" / grid[0].metrics["trial_id"] / "checkpoints"
+    assert sorted(os.listdir(resumed)) == sorted(os.listdir(os.path.join(row.run_dir, "checkpoints")))
 
 
 def test_a_different_sweep_in_the_same_directory_is_refused(finished_sweep):
