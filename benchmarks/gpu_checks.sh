@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go on a one-GPU machine (results: benchmarks/RESULTS.md, "On a GPU"):
+#   0. tests/moe/test_moe_cuda.py (skipped on machines without a GPU): grouped GEMM and a bf16 model
+#      step against float32 references;
 #   1. benchmarks/moe_layer.py in bf16 on CUDA, at 4096 and 16384 tokens;
 #   2. one pretraining run through the platform (jobs/pretrain.py: Ray Train, DeepSpeed ZeRO-1,
 #      nccl, bf16) of a 1.37B-parameter MoE (0.46B active: d=1536, 16 layers, 8 experts top-2,
@@ -25,6 +27,10 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
 python3 -c "import torch, ray, deepspeed; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__)" \
     | tee -a "$OUT_DIR/gpu.txt"
+
+echo "== tests/moe/test_moe_cuda.py"
+(cd "$HERE" && python3 -m pytest -q -p no:cacheprovider tests/moe/test_moe_cuda.py 2>&1) | tee "$OUT_DIR/cuda_tests.txt" | tail -3
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
 
 for tokens in 4096 16384; do
     echo "== moe_layer, bf16, $tokens tokens"
