@@ -59,19 +59,25 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def build_optimizer(model: torch.nn.Module, trainer: TrainerConfig) -> torch.optim.AdamW:
+    """AdamW over the model's param groups, the routed experts' at lr * trainer.expert_lr_scale.
+
+    Matrices decay, norms/biases/embedding do not; expert params go to DeepSpeed's 'moe' groups
+    (from their allreduce=False / group_name tags), whose gradients it reduces over the
+    expert-data-parallel group only. The LR schedule multiplies every group's own lr.
+    """
+    groups = optimizer_param_groups(model, trainer.weight_decay)
+    for group in groups:
+        if group.get("moe"):
+            group["lr"] = trainer.lr * trainer.expert_lr_scale
+    return torch.optim.AdamW(groups, lr=trainer.lr, betas=(trainer.beta1, trainer.beta2), eps=trainer.eps)
+
+
 def build_engine(model: torch.nn.Module, trainer: TrainerConfig, *, total_steps: int):
     """-> DeepSpeed engine (wrapping `model`, optimizer and LR scheduler)."""
     import deepspeed
 
-    # Matrices decay, norms/biases/embedding do not; expert params go to DeepSpeed's 'moe' groups
-    # (from their allreduce=False / group_name tags), whose gradients it reduces over the
-    # expert-data-parallel group only.
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, trainer.weight_decay),
-        lr=trainer.lr,
-        betas=(trainer.beta1, trainer.beta2),
-        eps=trainer.eps,
-    )
+    optimizer = build_optimizer(model, trainer)
     schedule = functools.partial(
         warmup_cosine, warmup_steps=trainer.warmup_steps, total_steps=total_steps, min_lr_ratio=trainer.min_lr_ratio
     )

@@ -12,7 +12,7 @@ from testkit.training import tiny_stage
 
 from moe_platform.data import ManifestError
 from moe_platform.train import RunConfig, StageConfig, TrainConfigError, TrainerConfig
-from moe_platform.train.engine import deepspeed_config, warmup_cosine
+from moe_platform.train.engine import build_optimizer, deepspeed_config, warmup_cosine
 from moe_platform.train.plan import eval_batches_per_worker, total_steps
 from moe_platform.train.progress import format_progress
 from moe_platform.train.trainer import claim_output_dir, config_differences, prepare_stage
@@ -30,6 +30,7 @@ from moe_platform.train.trainer import claim_output_dir, config_differences, pre
         ({"min_lr_ratio": 2.0}, "trainer.min_lr_ratio"),
         ({"cpus_per_worker": 0}, "trainer.cpus_per_worker"),
         ({"eval_batches": 0}, "trainer.eval_batches"),
+        ({"expert_lr_scale": 0}, "trainer.expert_lr_scale"),
     ],
 )
 def test_trainer_config_names_the_bad_key(changes, key):
@@ -75,6 +76,31 @@ def test_deepspeed_config_follows_the_trainer():
     assert config["zero_optimization"]["stage"] == 2
     assert config["gradient_clipping"] == 0.5
     assert config["bf16"]["enabled"] is False  # CPU: fp32
+
+
+def test_the_routed_experts_learn_at_lr_times_expert_lr_scale():
+    import torch
+
+    from moe import MoETransformer
+
+    torch.manual_seed(0)
+    model = MoETransformer(tiny_model(num_shared_experts=1))
+    trainer = TrainerConfig(max_steps=10, lr=1e-3, expert_lr_scale=3.0, weight_decay=0.0)
+    optimizer = build_optimizer(model, trainer)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    assert sorted({group["lr"] for group in optimizer.param_groups}) == pytest.approx([5e-4, 1.5e-3])
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tokens = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    model(tokens, tokens)[1].backward()
+    optimizer.step()
+    schedule.step()
+    # Adam's first step moves every weight with a gradient by about its group's lr.
+    moved = {name: (p.detach() - before[name]).abs().max().item() for name, p in model.named_parameters()}
+    routed = [step for name, step in moved.items() if ".experts." in name]
+    others = [step for name, step in moved.items() if ".experts." not in name and step > 0]
+    assert routed and others and any("shared" in name for name in moved)
+    assert max(routed) == pytest.approx(1.5e-3, rel=0.01) and max(others) == pytest.approx(5e-4, rel=0.01)
 
 
 def test_prepare_stage_plans_from_the_manifest(tmp_path):
