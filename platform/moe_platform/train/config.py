@@ -65,7 +65,8 @@ class TrainerConfig:
     # The routed experts' learning rate is lr * expert_lr_scale (the router, attention, shared experts
     # and embeddings keep lr). Each expert learns from only top_k / num_experts of the tokens. With
     # bias balancing (model.moe.bias_update_rate=0.001, balance_loss_coef=0.01), 2 gives back the
-    # held-out loss the bias costs, at nearly its balance (benchmarks/RESULTS.md, "the experts' learning rate").
+    # held-out loss the bias costs on prose, at its balance; on code it does not (benchmarks/RESULTS.md,
+    # "the experts' learning rate").
     expert_lr_scale: float = 1.0
     weight_decay: float = 0.1
     beta1: float = 0.9
