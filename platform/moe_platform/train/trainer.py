@@ -104,7 +104,7 @@ def claim_output_dir(stage: StageConfig) -> bool:
     ours = stage.to_dict()
     if os.path.isfile(path):
         with open(path) as fh:
-            theirs = json.load(fh)
+            theirs = with_current_defaults(json.load(fh))
         differences = config_differences(theirs, ours)
         if differences:
             key, before, now = differences[0]
@@ -126,6 +126,16 @@ def claim_output_dir(stage: StageConfig) -> bool:
         json.dump(ours, fh, indent=2, sort_keys=True)
     os.replace(temporary, path)
     return False
+
+
+def with_current_defaults(saved: dict) -> dict:
+    """A saved stage config with the keys added since it was written at their defaults, so that this
+    version resumes a run an older one started (keys added at their default change nothing). One that
+    no longer loads (a removed key, a value now refused) is compared as it is."""
+    try:
+        return StageConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        return saved
 
 
 def config_differences(before: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

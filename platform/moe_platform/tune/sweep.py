@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from moe_platform.train import StageConfig
 from moe_platform.train.plan import load_manifest
-from moe_platform.train.trainer import config_differences, prepare_stage
+from moe_platform.train.trainer import config_differences, prepare_stage, with_current_defaults
 from moe_platform.tune import hparams, results
 from moe_platform.tune.config import TuneConfig, TuneConfigError
 from moe_platform.tune.space import apply_params, check_space, for_trial, hydra_override, param_space, typed_params
@@ -213,9 +213,12 @@ def sweep_fingerprint(plan: SweepPlan) -> dict[str, Any]:
     """What decides the sweep's trials: the tune section (space keyed by name) and the base stage."""
     tune = {key: value for key, value in dataclasses.asdict(plan.tune).items() if key not in OPERATIONAL_TUNE_KEYS}
     tune["space"] = {spec["key"]: {k: v for k, v in spec.items() if k != "key"} for spec in tune["space"]}
-    base = plan.base.to_dict()
-    base["run"].pop("output_dir")  # each trial has its own
-    return {"tune": tune, "base": base}
+    return {"tune": tune, "base": _without_output_dir(plan.base.to_dict())}
+
+
+def _without_output_dir(base: dict[str, Any]) -> dict[str, Any]:
+    """A base stage dict as the fingerprint holds it: each trial has its own run.output_dir."""
+    return {**base, "run": {key: value for key, value in base["run"].items() if key != "output_dir"}}
 
 
 def check_sweep_dir(plan: SweepPlan) -> None:
@@ -231,7 +234,8 @@ def check_sweep_dir(plan: SweepPlan) -> None:
     with open(path) as fh:
         theirs = json.load(fh)
     ours = sweep_fingerprint(plan)
-    differences = config_differences(theirs["base"], ours["base"]) + [
+    saved_base = _without_output_dir(with_current_defaults(theirs["base"]))  # keys added since: their defaults
+    differences = config_differences(saved_base, ours["base"]) + [
         (f"tune.{key}", before, now) for key, before, now in config_differences(theirs["tune"], ours["tune"])
     ]
     if differences:

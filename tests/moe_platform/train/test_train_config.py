@@ -169,6 +169,25 @@ def test_output_dir_resumes_the_same_config_and_refuses_another(tmp_path):
         claim_output_dir(other)
 
 
+def test_a_run_from_before_a_new_config_key_resumes_at_its_default(tmp_path):
+    dataset = write_dataset(str(tmp_path / "data"), train_rows=64, validation_rows=16)
+    stage, _ = prepare_stage(tiny_stage(dataset, str(tmp_path / "run")))
+    claim_output_dir(stage)
+    path = tmp_path / "run" / "config.json"
+    older = json.loads(path.read_text())
+    del older["trainer"]["expert_lr_scale"]  # as a version before that key wrote it
+    path.write_text(json.dumps(older))
+    assert claim_output_dir(stage) is True
+    changed = dataclasses.replace(stage, trainer=dataclasses.replace(stage.trainer, expert_lr_scale=2.0))
+    with pytest.raises(TrainConfigError, match=r"trainer.expert_lr_scale=1.0 there, 2.0 now"):
+        claim_output_dir(changed)
+    older["trainer"]["retired_key"] = 1  # a key this version no longer has still counts as a change
+    path.write_text(json.dumps(older))
+    with pytest.raises(TrainConfigError, match=r"different config \(trainer.expert_lr_scale=None there, 1.0 now, "
+                                               r"and 1 more\)"):
+        claim_output_dir(stage)
+
+
 def test_config_differences_are_dotted():
     before = {"model": {"moe": {"top_k": 2}}, "trainer": {"lr": 1.0, "log_every": 5}}
     now = {"model": {"moe": {"top_k": 1}}, "trainer": {"lr": 1.0, "log_every": 50}}

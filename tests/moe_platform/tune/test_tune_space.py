@@ -176,3 +176,21 @@ def test_hydra_override_text():
     assert hydra_override("model.moe.backend", "native") == "model.moe.backend='native'"
     assert hydra_override("model.tie_embeddings", False) == "model.tie_embeddings=false"
     assert hydra_override("trainer.max_tokens", None) == "trainer.max_tokens=null"
+
+
+def test_a_sweep_from_before_a_new_config_key_resumes_at_its_default(base_stage, tmp_path):
+    import json
+
+    from moe_platform.tune.sweep import SWEEP_FILE, check_sweep_dir, sweep_fingerprint
+
+    plan = prepare_sweep(base_stage, tune_config(ParamSpec(key="trainer.lr", kind="choice", values=[0.01, 0.1]),
+                                                 scheduler="fifo", tmp_dir=str(tmp_path / "sweep")))
+    saved = sweep_fingerprint(plan)
+    del saved["base"]["trainer"]["expert_lr_scale"]  # as a version before that key wrote it
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / SWEEP_FILE).write_text(json.dumps(saved))
+    check_sweep_dir(plan)  # resumes
+    changed = dataclasses.replace(plan, base=dataclasses.replace(
+        plan.base, trainer=dataclasses.replace(plan.base.trainer, expert_lr_scale=2.0)))
+    with pytest.raises(TuneConfigError, match=r"trainer.expert_lr_scale=1.0 there, 2.0 now"):
+        check_sweep_dir(changed)
