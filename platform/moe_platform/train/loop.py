@@ -27,7 +27,7 @@ from moe.parallel import ALL_TO_ALL
 from moe_platform.train.checkpointing import TrainState, checkpoint_dir_name, restore_checkpoint, write_checkpoint
 from moe_platform.train.config import StageConfig
 from moe_platform.train.batches import train_stream, validation_batches, validation_name
-from moe_platform.train.engine import build_engine, init_deepspeed_comm, intra_op_threads
+from moe_platform.train.engine import build_engine, init_deepspeed_comm, intra_op_threads, keep_large_blocks_on_heap
 from moe_platform.train.evaluation import combine_validation, distributed_validation_sums
 from moe_platform.train.metrics import (
     TensorBoardLog,
@@ -84,6 +84,8 @@ class _StageRun:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         torch.set_num_threads(intra_op_threads(self.trainer.torch_threads, context.get_local_world_size()))
+        if self.device.type == "cpu":
+            keep_large_blocks_on_heap()
         init_deepspeed_comm("nccl" if self.trainer.use_gpu else "gloo")
 
     def _build_model_and_engine(self, *, from_export: bool) -> None:

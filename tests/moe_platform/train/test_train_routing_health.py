@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from moe import ModelConfig, MoEConfig, MoETransformer
-from moe_platform.train.engine import intra_op_threads
 from moe_platform.train.metrics import LayerRouting, aggregate_routing, routing_scalars
 from moe_platform.train.progress import DeadExpertWatch
 
@@ -57,11 +56,3 @@ def test_progress_warns_only_when_a_block_keeps_a_dead_expert():
     assert watch.update({"moe/layer_1/dead_experts": 0.0, "moe/layer_3/dead_experts": 1.0}) == \
         " | WARNING dead experts: block 3 has 1 (2 reports)"
     assert watch.update({"moe/layer_1/dead_experts": 0.0, "moe/layer_3/dead_experts": 0.0}) == ""
-
-
-def test_default_threads_share_the_cores_among_the_workers_of_a_node(monkeypatch):
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    assert intra_op_threads(None, workers_on_node=1) == 8
-    assert intra_op_threads(None, workers_on_node=3) == 2
-    assert intra_op_threads(None, workers_on_node=16) == 1
-    assert intra_op_threads(4, workers_on_node=1) == 4  # trainer.torch_threads wins
