@@ -96,9 +96,11 @@ class TrainerConfig:
     # Routing health: an expert is "dead" in a logging interval when its share of its layer's
     # assignments is below this fraction of the uniform share 1/E (0.25: under a quarter of it).
     dead_expert_threshold: float = 0.25
-    # Dense peak FLOP/s of one worker's device, for the MFU estimate
-    # (e.g. 989e12 for an H100 in bf16; a laptop CPU core is ~5e10).
-    peak_flops_per_worker: float = 1e11
+    # Peak FLOP/s of one worker's device, the denominator of MFU (e.g. 989e12, an H100's datasheet
+    # bf16). null: measured when the worker starts, as the best rate of a few large matmuls at the
+    # training precision on the worker's threads; MFU then reads as the share of what this
+    # hardware's matmul reaches (a fixed guess read 120% on a 2-core AVX-512 VM).
+    peak_flops_per_worker: Optional[float] = None
 
     # ---- testing only ----------------------------------------------------------------------
     # The last worker exits abruptly after this step, once per run (a marker file in
@@ -159,8 +161,8 @@ class TrainerConfig:
         require(0 < self.dead_expert_threshold <= 1,
                 f"trainer.dead_expert_threshold must be in (0, 1], got {self.dead_expert_threshold}")
         require(
-            self.peak_flops_per_worker > 0,
-            f"trainer.peak_flops_per_worker must be > 0, got {self.peak_flops_per_worker}",
+            self.peak_flops_per_worker is None or self.peak_flops_per_worker > 0,
+            f"trainer.peak_flops_per_worker must be > 0 or null, got {self.peak_flops_per_worker}",
         )
         require(
             self.fail_at_step is None or self.fail_at_step >= 1,

@@ -27,13 +27,20 @@ from moe.parallel import ALL_TO_ALL
 from moe_platform.train.checkpointing import TrainState, checkpoint_dir_name, restore_checkpoint, write_checkpoint
 from moe_platform.train.config import StageConfig
 from moe_platform.train.batches import train_stream, validation_batches, validation_name
-from moe_platform.train.engine import build_engine, init_deepspeed_comm, intra_op_threads, keep_large_blocks_on_heap
+from moe_platform.train.engine import (
+    build_engine,
+    init_deepspeed_comm,
+    intra_op_threads,
+    keep_large_blocks_on_heap,
+    use_bf16,
+)
 from moe_platform.train.evaluation import combine_validation, distributed_validation_sums
 from moe_platform.train.metrics import (
     TensorBoardLog,
     ThroughputMeter,
     aggregate_routing,
     all_reduce_sum,
+    measured_matmul_flops,
     routing_scalars,
 )
 from moe_platform.train.model_io import build_model, load_export_weights, write_model_export
@@ -144,13 +151,24 @@ class _StageRun:
         self.meter = ThroughputMeter(
             tokens_per_step=self.plan.tokens_per_step,
             train_flops_per_token=self.stage.model.flops_per_token,
-            peak_flops=self.trainer.peak_flops_per_worker * self.world_size,
+            peak_flops=self._peak_flops_per_worker() * self.world_size,
         )
         self._interval_sums = torch.zeros(len(self.terms) + 1, dtype=torch.float64, device=self.device)
         self._interval_micro_batches = 0
         self._routing_collected = False
         self._comm: dict[str, float] = {}  # expert-parallel all-to-all cost of the last logging step
         self.latest: dict[str, float] = {}
+
+    def _peak_flops_per_worker(self) -> float:
+        """trainer.peak_flops_per_worker, or this worker's measured matmul rate (every worker alike)."""
+        if self.trainer.peak_flops_per_worker is not None:
+            return self.trainer.peak_flops_per_worker
+        dtype = torch.bfloat16 if use_bf16(self.trainer) else torch.float32
+        peak = measured_matmul_flops(self.device, dtype)
+        if self.rank == 0:
+            log.info("MFU against this worker's measured matmul peak, %.3g FLOP/s in %s "
+                     "(trainer.peak_flops_per_worker sets it)", peak, str(dtype).removeprefix("torch."))
+        return peak
 
     # ---- the loop ----------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from moe_platform.train.trainer import claim_output_dir, config_differences, pre
         ({"cpus_per_worker": 0}, "trainer.cpus_per_worker"),
         ({"eval_batches": 0}, "trainer.eval_batches"),
         ({"expert_lr_scale": 0}, "trainer.expert_lr_scale"),
+        ({"peak_flops_per_worker": 0}, "trainer.peak_flops_per_worker"),
     ],
 )
 def test_trainer_config_names_the_bad_key(changes, key):

@@ -1,10 +1,12 @@
-"""The training worker's compute setup: intra-op threads and the CPU allocator."""
+"""The training worker's compute setup: intra-op threads, the CPU allocator, the MFU peak."""
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from moe_platform.train.engine import intra_op_threads
+from moe_platform.train.metrics import measured_matmul_flops
 from testkit.processes import tail
 
 # Allocates and fills a 64 MiB tensor again and again, as training steps do with their logits and
@@ -47,3 +49,9 @@ def test_large_tensors_reuse_the_heap_instead_of_faulting_in_fresh_pages_every_s
     # 5 x 64 MiB of fresh pages is 5 x 16384 faults of 4 KiB; a reused heap block faults none.
     assert int(faults("default")) > 5 * 8192, "glibc mmaps 64 MiB blocks by default: the baseline"
     assert int(kept) < 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_measured_matmul_peak_is_a_rate_this_cpu_reaches(dtype):
+    peak = measured_matmul_flops(torch.device("cpu"), dtype, size=256, repeats=3)
+    assert 1e8 < peak < 1e14  # FLOP/s: any CPU from a slow core to a large socket

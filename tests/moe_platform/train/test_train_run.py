@@ -68,6 +68,8 @@ def test_tensorboard_holds_training_routing_and_validation_metrics(ep2_run):
     assert all(value > 0 for _, value in bytes_sent)  # EP=2: rows travel to the other worker every step
     image = accumulator.Images("moe/expert_load")[-1]
     assert image.width > 0 and image.height > 0
+    # MFU against the worker's measured matmul peak (trainer.peak_flops_per_worker=null): a share.
+    assert all(0 < value < 1 for _, value in read_scalars(result.tensorboard_dir)["perf/mfu"])
     grad_norms = [value for _, value in read_scalars(result.tensorboard_dir)["train/grad_norm"]]
     assert all(value > 0 for value in grad_norms)
     perplexity = read_scalars(result.tensorboard_dir)["val/perplexity"][-1][1]
