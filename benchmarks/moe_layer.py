@@ -19,8 +19,10 @@ thread it is what the layer costs, and other processes on the machine barely mov
 Also on CPU (unless --no-malloc-tuning) glibc is told not to mmap large blocks and never to
 trim its heap, and 3 GB of heap (--heap-gib) is faulted in before timing: otherwise fresh
 pages fault in on first touch inside timed steps (a 64 MB gather ran 5x slower than the copy
-itself; a native step that grew the heap by 32 MB took 100 ms longer). That is the steady
-state a training run reaches after its first steps; it applies to every variant alike.
+itself; a native step that grew the heap by 32 MB took 100 ms longer). Training workers on CPU
+set the same allocator policy (moe_platform.train.engine.keep_large_blocks_on_heap) and reach
+this steady state after their first steps; the pre-faulted heap only skips that growth here. It
+applies to every variant alike.
 
 The last line is machine-readable:
     native_vs_dense=<r8>,<r32>,<r64> deepspeed_dropless_vs_native=<d8>,<d32>,<d64>
@@ -139,18 +141,15 @@ def clock() -> float:
 
 
 def tune_cpu_malloc(heap_gib: float) -> None:
-    """Keep large blocks on glibc's heap (no per-allocation mmap + page faults), and fault in
-    `heap_gib` of heap before timing. glibc 2.36's posix_memalign (every torch CPU tensor)
-    asks for 64 + 32 bytes more than a freed block of the same size offers, so the heap keeps
-    growing for many steps, and every growth is fresh pages faulted in during a timed step
-    (on this VM ~100 ms per 32 MB). A training run reaches the steady state after its first
-    steps; the benchmark reaches it by touching its working set once up front."""
-    import ctypes
+    """The training workers' allocator policy (large blocks stay on glibc's heap, which is never
+    trimmed), then `heap_gib` of heap faulted in before timing. glibc 2.36's posix_memalign
+    (every torch CPU tensor) asks for 64 + 32 bytes more than a freed block of the same size
+    offers, so the heap keeps growing for many steps, and every growth is fresh pages faulted in
+    during a timed step (on this VM ~100 ms per 32 MB). A training run reaches the steady state
+    after its first steps; the benchmark reaches it by touching its working set once up front."""
+    from moe_platform.train.engine import keep_large_blocks_on_heap
 
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, -1)  # -1: never give the heap back (mallopt(3))
+    keep_large_blocks_on_heap()
     blocks = [torch.zeros(8 << 20) for _ in range(int(heap_gib * 32))]  # 32 MB each
     del blocks  # freed in order: they coalesce into the heap's top, faulted in and kept
 

@@ -97,8 +97,8 @@ class TrainerConfig:
     # assignments is below this fraction of the uniform share 1/E (0.25: under a quarter of it).
     dead_expert_threshold: float = 0.25
     # Peak FLOP/s of one worker's device, the denominator of MFU (e.g. 989e12, an H100's datasheet
-    # bf16). null: measured when the worker starts, as the best rate of a few large matmuls at the
-    # training precision on the worker's threads; MFU then reads as the share of what this
+    # bf16). null: measured by each worker at its first logging step, as the best rate of a few
+    # large matmuls at the training precision on its threads; MFU then reads as the share of what this
     # hardware's matmul reaches (a fixed guess read 120% on a 2-core AVX-512 VM).
     peak_flops_per_worker: Optional[float] = None
 

@@ -151,7 +151,7 @@ class _StageRun:
         self.meter = ThroughputMeter(
             tokens_per_step=self.plan.tokens_per_step,
             train_flops_per_token=self.stage.model.flops_per_token,
-            peak_flops=self._peak_flops_per_worker() * self.world_size,
+            peak_flops=lambda: self._peak_flops_per_worker() * self.world_size,
         )
         self._interval_sums = torch.zeros(len(self.terms) + 1, dtype=torch.float64, device=self.device)
         self._interval_micro_batches = 0

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -57,10 +58,13 @@ class ThroughputMeter:
     numbers describe the step loop and compare with a bare PyTorch loop.
     """
 
-    def __init__(self, *, tokens_per_step: int, train_flops_per_token: float, peak_flops: float):
+    def __init__(self, *, tokens_per_step: int, train_flops_per_token: float, peak_flops: Callable[[], float]):
         self._tokens_per_step = tokens_per_step
         self._flops_per_token = train_flops_per_token
-        self._peak_flops = peak_flops  # all workers together
+        # All workers together; asked for at the first snapshot, once start-up (Ray Data, the
+        # controller) no longer competes for the cores a measured peak is timed on.
+        self._peak_flops_source = peak_flops
+        self._peak_flops: Optional[float] = None
         self.reset()
 
     def reset(self) -> None:
@@ -77,6 +81,8 @@ class ThroughputMeter:
         """Rates over the steps since the last snapshot (then resets)."""
         seconds = max(self._step_seconds, 1e-9)
         tokens_per_s = self._tokens_per_step * self._steps / seconds
+        if self._peak_flops is None:
+            self._peak_flops = self._peak_flops_source()
         result = {
             "tokens_per_s": tokens_per_s,
             "mfu": tokens_per_s * self._flops_per_token / self._peak_flops,
@@ -88,15 +94,14 @@ class ThroughputMeter:
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype, *, size: Optional[int] = None,
-                          repeats: int = 5) -> float:
+                          repeats: int = 10) -> float:
     """FLOP/s of the best of `repeats` (size x size) @ (size x size) matmuls on `device` in `dtype`,
     on this process's intra-op threads: the peak the training step's matmuls can reach here.
-    About 0.1 s on a 2-core CPU (size 1024) and a few ms on a GPU (size 8192)."""
-    import time
-
+    About 0.1 s on a 2-core CPU (size 1024), a few ms on a GPU (size 8192)."""
     size = size or (1024 if device.type == "cpu" else 8192)
     a_NN = torch.randn(size, size, device=device).to(dtype)
     b_NN = torch.randn(size, size, device=device).to(dtype)
+
     def seconds_of_one() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
