@@ -99,8 +99,10 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype, *, size: Opt
     on this process's intra-op threads: the peak the training step's matmuls can reach here.
     About 0.1 s on a 2-core CPU (size 1024), a few ms on a GPU (size 8192)."""
     size = size or (1024 if device.type == "cpu" else 8192)
-    a_NN = torch.randn(size, size, device=device).to(dtype)
-    b_NN = torch.randn(size, size, device=device).to(dtype)
+    # Constant operands: a matmul's speed does not depend on the values, and drawing random ones
+    # would move the global RNG mid-training (a resumed run would then diverge from an unbroken one).
+    a_NN = torch.full((size, size), 0.5, device=device, dtype=dtype)
+    b_NN = torch.full((size, size), 0.5, device=device, dtype=dtype)
 
     def seconds_of_one() -> float:
         if device.type == "cuda":
