@@ -109,10 +109,10 @@ def keep_large_blocks_on_heap() -> bool:
     step allocates several larger ones (the default model's logits are 8 x 256 x 4096 floats,
     32 MiB, and so are their softmax and gradient). Every such block is new pages, faulted in
     during the step and unmapped after it: on the 2-core CI-class VM, 2.2M minor faults and 3.6 s
-    of system time in 60 steps of the default model, 6% of the wall-clock
-    (benchmarks/RESULTS.md, "the allocator"). With the threshold at 1 GiB and trimming off, the
-    heap grows to the step's working set once and is reused; peak memory is the same (the
-    working set is live at the peak either way). Returns False where libc is not glibc.
+    of system time in 60 steps of the default model, 6% of the wall-clock (benchmarks/RESULTS.md,
+    "Where a CPU training step lost time"). With the threshold at 1 GiB and trimming off, the heap
+    grows to the step's working set once and is reused; peak memory is the same (the working set
+    is live at the peak either way). Returns False where libc is not glibc.
     """
     import ctypes
     import ctypes.util
