@@ -10,20 +10,23 @@ from moe_platform.train.metrics import measured_matmul_flops
 from testkit.processes import tail
 
 # Allocates and fills a 64 MiB tensor again and again, as training steps do with their logits and
-# gradients, and prints the minor page faults of the last 5 of 15 rounds. The first rounds grow the
-# heap: glibc's posix_memalign asks a little more than a freed block of the same size offers.
+# gradients, and prints the minor page faults of the last 5 of 15 rounds (the first rounds grow the
+# heap: glibc's posix_memalign asks a little more than a freed block of the same size offers):
+# first with glibc's defaults, then under the training workers' policy. One process: one torch import.
 FAULTS_OF_REPEATED_LARGE_TENSORS = """
-import resource, sys, torch
+import resource, torch
 from moe_platform.train.engine import keep_large_blocks_on_heap
-if sys.argv[1] == "kept" and not keep_large_blocks_on_heap():
-    print("not glibc")
-    raise SystemExit
-for _ in range(10):
-    torch.ones(16 << 20)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    torch.ones(16 << 20)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+def faults():
+    for _ in range(10):
+        torch.ones(16 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 << 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults()
+print(default, faults() if keep_large_blocks_on_heap() else "not glibc")
 """
 
 
@@ -35,19 +38,15 @@ def test_default_threads_share_the_cores_among_the_workers_of_a_node(monkeypatch
     assert intra_op_threads(4, workers_on_node=1) == 4  # trainer.torch_threads wins
 
 
-def faults(mode: str) -> str:
-    done = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_LARGE_TENSORS, mode], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, tail(done.stderr)
-    return done.stdout.strip()
-
-
 def test_large_tensors_reuse_the_heap_instead_of_faulting_in_fresh_pages_every_step():
-    kept = faults("kept")
+    done = subprocess.run([sys.executable, "-c", FAULTS_OF_REPEATED_LARGE_TENSORS], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, tail(done.stderr)
+    default, kept = done.stdout.split()
     if kept == "not glibc":
         pytest.skip("mallopt is glibc's: this libc keeps its own allocation policy")
     # 5 x 64 MiB of fresh pages is 5 x 16384 faults of 4 KiB; a reused heap block faults none.
-    assert int(faults("default")) > 5 * 8192, "glibc mmaps 64 MiB blocks by default: the baseline"
+    assert int(default) > 5 * 8192, "glibc mmaps 64 MiB blocks by default: the baseline"
     assert int(kept) < 1000
 
 
