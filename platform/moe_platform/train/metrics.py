@@ -18,6 +18,7 @@ Shapes: L = MoE layers, E = experts.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
@@ -61,10 +62,9 @@ class ThroughputMeter:
     def __init__(self, *, tokens_per_step: int, train_flops_per_token: float, peak_flops: Callable[[], float]):
         self._tokens_per_step = tokens_per_step
         self._flops_per_token = train_flops_per_token
-        # All workers together; asked for at the first snapshot, once start-up (Ray Data, the
+        # All workers together; asked for once, at the first snapshot, when start-up (Ray Data, the
         # controller) no longer competes for the cores a measured peak is timed on.
-        self._peak_flops_source = peak_flops
-        self._peak_flops: Optional[float] = None
+        self._peak_flops = functools.cache(peak_flops)
         self.reset()
 
     def reset(self) -> None:
@@ -81,11 +81,9 @@ class ThroughputMeter:
         """Rates over the steps since the last snapshot (then resets)."""
         seconds = max(self._step_seconds, 1e-9)
         tokens_per_s = self._tokens_per_step * self._steps / seconds
-        if self._peak_flops is None:
-            self._peak_flops = self._peak_flops_source()
         result = {
             "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self._flops_per_token / self._peak_flops,
+            "mfu": tokens_per_s * self._flops_per_token / self._peak_flops(),
             "data_wait_fraction": self._data_wait_seconds / seconds,
             "step_time_s": seconds / max(self._steps, 1),
         }
