@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from ..config import ModelConfig, MoEConfig
+from ..config import DEFAULT_BIAS_UPDATE_RATE, ModelConfig, MoEConfig
 
 NAMESPACE = "moe_platform"
 FORMAT_VERSION = 2
@@ -31,7 +31,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
 }
 # Bias balancing imported from an ERNIE checkpoint keeps training its bias at DeepSeek-V3's rate.
-IMPORTED_BIAS_UPDATE_RATE = 0.001
+IMPORTED_BIAS_UPDATE_RATE = DEFAULT_BIAS_UPDATE_RATE
 
 
 class ConfigError(ValueError):
@@ -51,7 +51,7 @@ def choose_layout(config: ModelConfig) -> tuple[str, Optional[str]]:
     blocker = "model.moe.router=expert_choice" if m.router == "expert_choice" else None
     shared = m.num_shared_experts > 0
     if m.bias_update_rate > 0 or (shared and not m.shared_expert_gate):
-        return "ernie4_5_moe", blocker or _ernie_blocker(config)
+        return "ernie4_5_moe", blocker or ernie_blocker(config)
     if shared or m.moe_every > 1 or m.top_k == 1 or not m.renormalize:
         if config.qk_norm:
             return "qwen3_moe", blocker or _qwen3_blocker(config)
@@ -61,7 +61,7 @@ def choose_layout(config: ModelConfig) -> tuple[str, Optional[str]]:
     return ("qwen2_moe" if config.qkv_bias else "mixtral"), blocker
 
 
-def _ernie_blocker(config: ModelConfig) -> Optional[str]:
+def ernie_blocker(config: ModelConfig) -> Optional[str]:
     m = config.moe
     why = "ERNIE-4.5-MoE (bias balancing / ungated shared experts)"
     if m.top_k == 1 or not m.renormalize:
@@ -225,7 +225,9 @@ def _rope_theta(r: _Reader) -> float:
 def _feed_forward(r: _Reader, model_type: str) -> dict[str, Any]:
     """ffn_hidden and MoEConfig of each architecture. Their routed outputs are the plain
     weighted sum (our exports fold model.moe.routed_scale into the experts' down projection),
-    so an imported model has routed_scale=1."""
+    so an imported model has routed_scale=1; only ERNIE's router has a balancing bias, so every
+    other import sets bias_update_rate=0 (our default would add one, and the export would then
+    change architecture)."""
     if model_type in ("llama", "mistral", "qwen2", "qwen3"):
         return {"ffn_hidden": r.get("intermediate_size", int), "moe": MoEConfig(moe_every=0)}
     if model_type == "mixtral":
@@ -233,7 +235,7 @@ def _feed_forward(r: _Reader, model_type: str) -> dict[str, Any]:
         f = r.get("intermediate_size", int)
         return {"ffn_hidden": f, "moe": MoEConfig(num_experts=r.get("num_local_experts", int), top_k=k,
                                                   expert_hidden=f, moe_every=1, renormalize=True,
-                                                  routed_scale=1.0)}
+                                                  bias_update_rate=0.0, routed_scale=1.0)}
     if model_type in ("qwen2_moe", "qwen3_moe"):
         norm = r.get("norm_topk_prob", bool, False)  # transformers' default for both
         k = _top_k(r, "num_experts_per_tok", renormalized=norm)
@@ -243,7 +245,7 @@ def _feed_forward(r: _Reader, model_type: str) -> dict[str, Any]:
             num_experts=experts, top_k=k, expert_hidden=r.get("moe_intermediate_size", int),
             moe_every=r.get("decoder_sparse_step", int, 1), renormalize=norm or k == 1,
             num_shared_experts=1 if shared else 0, shared_expert_hidden=shared or None,
-            shared_expert_gate=bool(shared), routed_scale=1.0)}
+            shared_expert_gate=bool(shared), bias_update_rate=0.0, routed_scale=1.0)}
     return _ernie_feed_forward(r)
 
 

@@ -32,6 +32,29 @@ def test_defaults_build_and_are_plain_structured_configs() -> None:
         OmegaConf.merge(schema, OmegaConf.from_dotlist(["moe.topk=1"]))
 
 
+@pytest.mark.parametrize("changes, bias, balance", [
+    ({}, 0.001, 0.01),  # the recipe: bias balancing over a light balance loss
+    ({"backend": "deepspeed"}, 0.0, 0.05),  # DeepSpeed's gate has no bias
+    ({"router": "expert_choice", "capacity_factor": 1.0}, 0.0, 0.05),  # experts pick: no bias to add
+    ({"top_k": 1}, 0.0, 0.05),  # ERNIE-4.5-MoE renormalises, so no transformers layout carries it
+    ({"qk_norm": True}, 0.0, 0.05),
+    ({"num_shared_experts": 1}, 0.001, 0.01),  # ungated shared experts: ERNIE's layout
+    ({"moe_every": 0}, 0.0, 0.05),  # dense: nothing to balance
+    ({"qk_norm": True, "bias_update_rate": 0.002}, 0.002, 0.01),  # set explicitly: kept
+    ({"balance_loss_coef": 0.2}, 0.001, 0.2),
+])
+def test_balancing_defaults_resolve_per_model(changes: dict, bias: float, balance: float) -> None:
+    cfg = tiny(**changes)
+    assert (cfg.moe.bias_update_rate, cfg.moe.balance_loss_coef) == (bias, balance)
+    assert ModelConfig.from_dict(dataclasses.asdict(cfg)) == cfg  # saved resolved: a reload keeps them
+
+
+def test_resolving_the_defaults_leaves_the_callers_moe_config_alone() -> None:
+    moe = MoEConfig(num_experts=4, top_k=2)
+    assert ModelConfig(moe=moe).moe.bias_update_rate == 0.001
+    assert moe.bias_update_rate is None and moe.balance_loss_coef is None
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: MoEConfig(num_experts=2, top_k=4), "model.moe.top_k=4 is larger than model.moe.num_experts=2."),
     (lambda: MoEConfig(backend="megablocks"), "model.moe.backend='megablocks' is not one of native, deepspeed."),

@@ -27,8 +27,9 @@ COMM: dict[str, tuple[int, float]] = {}  # run -> (bytes sent, seconds) of rank 
 
 
 def tiny_config(backend: str) -> ModelConfig:
+    # No router bias on either backend (DeepSpeed's gate has none): the two compute one model.
     return tiny_model(n_heads=4, seq_len=16, ffn_hidden=48, expert_hidden=24, backend=backend, num_shared_experts=1,
-                      balance_loss_coef=0.01, z_loss_coef=0.001)
+                      balance_loss_coef=0.01, z_loss_coef=0.001, bias_update_rate=0.0)
 
 
 def global_batches(config: ModelConfig) -> torch.Tensor:

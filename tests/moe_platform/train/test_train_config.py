@@ -12,7 +12,7 @@ from testkit.training import tiny_stage
 
 from moe_platform.data import ManifestError
 from moe_platform.train import RunConfig, StageConfig, TrainConfigError, TrainerConfig
-from moe_platform.train.engine import build_optimizer, deepspeed_config, warmup_cosine
+from moe_platform.train.engine import build_optimizer, deepspeed_config, expert_lr_scale, warmup_cosine
 from moe_platform.train.plan import eval_batches_per_worker, total_steps
 from moe_platform.train.progress import format_progress
 from moe_platform.train.trainer import claim_output_dir, config_differences, prepare_stage
@@ -104,6 +104,16 @@ def test_the_routed_experts_learn_at_lr_times_expert_lr_scale():
     assert max(routed) == pytest.approx(1.5e-3, rel=0.01) and max(others) == pytest.approx(5e-4, rel=0.01)
 
 
+@pytest.mark.parametrize("model, scale", [
+    (tiny_model(), 2.0),  # the default recipe: bias balancing with faster experts
+    (tiny_model(bias_update_rate=0.0), 1.0),
+    (tiny_model(backend="deepspeed"), 1.0),  # no router bias there, so none by default
+])
+def test_expert_lr_scale_null_follows_bias_balancing(model, scale):
+    assert expert_lr_scale(TrainerConfig(), model) == scale
+    assert expert_lr_scale(TrainerConfig(expert_lr_scale=3.0), model) == 3.0
+
+
 def test_prepare_stage_plans_from_the_manifest(tmp_path):
     dataset = write_dataset(str(tmp_path / "data"), train_rows=100, validation_rows=40)
     stage = tiny_stage(dataset, str(tmp_path / "run"), num_workers=2, micro_batch_size=8, max_epochs=3,
@@ -179,13 +189,12 @@ def test_a_run_from_before_a_new_config_key_resumes_at_its_default(tmp_path):
     del older["trainer"]["expert_lr_scale"]  # as a version before that key wrote it
     path.write_text(json.dumps(older))
     assert claim_output_dir(stage) is True
-    changed = dataclasses.replace(stage, trainer=dataclasses.replace(stage.trainer, expert_lr_scale=2.0))
-    with pytest.raises(TrainConfigError, match=r"trainer.expert_lr_scale=1.0 there, 2.0 now"):
+    changed = dataclasses.replace(stage, trainer=dataclasses.replace(stage.trainer, expert_lr_scale=3.0))
+    with pytest.raises(TrainConfigError, match=r"trainer.expert_lr_scale=None there, 3.0 now"):
         claim_output_dir(changed)
     older["trainer"]["retired_key"] = 1  # a key this version no longer has still counts as a change
     path.write_text(json.dumps(older))
-    with pytest.raises(TrainConfigError, match=r"different config \(trainer.expert_lr_scale=None there, 1.0 now, "
-                                               r"and 1 more\)"):
+    with pytest.raises(TrainConfigError, match=r"different config \(trainer.retired_key=1 there, None now\)"):
         claim_output_dir(stage)
 
 
