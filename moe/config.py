@@ -80,7 +80,8 @@ class MoEConfig:
     balance_loss_coef: Optional[float] = None
     """Weight of the Switch/GShard load-balancing loss E * sum_i f_i * P_i (mean over MoE layers, so
     0.05 over 4 layers weighs like 0.0125 per layer in the sum-over-layers convention of Switch/OLMoE).
-    None: 0.01 when the router bias balances (bias_update_rate > 0), 0.05 when the loss balances alone."""
+    None: 0.01 when the router bias balances (bias_update_rate > 0), 0.05 when the loss balances alone.
+    Code reads it resolved: `ModelConfig.balance_loss_coef`."""
     z_loss_coef: float = 0.001
     """Weight of the ST-MoE router z-loss mean(logsumexp(logits)^2) (mean over MoE layers)."""
     bias_update_rate: Optional[float] = None
@@ -89,7 +90,7 @@ class MoEConfig:
     `model.update_router_bias()` after each optimizer step; 0 = off. None: 0.001 wherever the bias
     can act and a transformers architecture computes it (ERNIE-4.5-MoE's router): the native
     token-choice router with top_k >= 2 renormalised, and no qkv_bias, qk_norm or gated shared
-    expert; 0 otherwise (ModelConfig resolves it, see `ModelConfig.router_bias_applies`)."""
+    expert; 0 otherwise. Code reads it resolved: `ModelConfig.bias_update_rate`."""
     routed_scale: Optional[float] = None
     """Multiplies the routed experts' combined output (DeepSeek-V2/V3's routed_scaling_factor);
     None means top_k. With renormalised top-k weights the routed output is a weighted MEAN of
@@ -200,19 +201,34 @@ class ModelConfig:
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must be at least 1 and divide "
                              f"model.n_heads={self.n_heads}.")
-        self._resolve_balancing()
 
-    def _resolve_balancing(self) -> None:
-        """Fill the balancing defaults left None (a new MoEConfig, not the caller's, is written)."""
-        m = self.moe
-        rate = m.bias_update_rate
+    # -- balancing: model.moe's None defaults, resolved for this model -----------------------
+    # Resolved on every read, never written back: a config kept with None (a run's or a Tune
+    # sweep's) resolves again for whatever model it becomes, e.g. a trial that sets
+    # model.moe.backend=deepspeed gets no bias, as the same override on the command line would.
+    # An export records the resolved values (`resolved`): its state has a bias or not.
+
+    @property
+    def bias_update_rate(self) -> float:
+        """model.moe.bias_update_rate, or when None 0.001 where `router_bias_applies`, else 0."""
+        rate = self.moe.bias_update_rate
         if rate is None:
-            rate = DEFAULT_BIAS_UPDATE_RATE if self.router_bias_applies() else 0.0
-        coef = m.balance_loss_coef
+            return DEFAULT_BIAS_UPDATE_RATE if self.router_bias_applies() else 0.0
+        return rate
+
+    @property
+    def balance_loss_coef(self) -> float:
+        """model.moe.balance_loss_coef, or when None 0.01 beside the router bias, else 0.05."""
+        coef = self.moe.balance_loss_coef
         if coef is None:
-            coef = BALANCE_LOSS_WITH_BIAS if rate > 0 else BALANCE_LOSS_ALONE
-        if (rate, coef) != (m.bias_update_rate, m.balance_loss_coef):
-            self.moe = replace(m, bias_update_rate=rate, balance_loss_coef=coef)
+            return BALANCE_LOSS_WITH_BIAS if self.bias_update_rate > 0 else BALANCE_LOSS_ALONE
+        return coef
+
+    def resolved(self) -> "ModelConfig":
+        """This config with the balancing defaults filled in: what an export records, since its
+        state has a router bias or not whichever backend later loads it."""
+        moe = replace(self.moe, bias_update_rate=self.bias_update_rate, balance_loss_coef=self.balance_loss_coef)
+        return replace(self, moe=moe)
 
     def router_bias_applies(self) -> bool:
         """Whether bias balancing is on by default: the model has MoE layers routed by the native

@@ -310,6 +310,7 @@ def load_export(export_dir: PathLike, *, expert_parallel_size: int = 1, backend:
     overrides model.moe.backend (e.g. load a deepspeed-trained export on the native backend)."""
     sd, config = load_export_state(export_dir)
     if backend is not None:
+        config = config.resolved()  # the state has a router bias or not, whichever backend loads it
         config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend=backend))
     model = MoETransformer(config, expert_parallel_size=expert_parallel_size)
     model.load_canonical_state_dict(sd)

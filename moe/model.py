@@ -173,7 +173,7 @@ class MoETransformer(nn.Module):
         balance, z = self._router_losses(logits)
         m = self.config.moe
         self.loss_breakdown = {"lm": lm.detach(), "balance": balance.detach(), "z": z.detach()}
-        return lm + m.balance_loss_coef * balance + m.z_loss_coef * z
+        return lm + self.config.balance_loss_coef * balance + m.z_loss_coef * z
 
     def _router_losses(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """Mean over MoE layers, so the coefficients do not scale with depth."""
@@ -194,7 +194,7 @@ class MoETransformer(nn.Module):
     def update_router_bias(self) -> None:
         """Auxiliary-loss-free balancing step; call after each optimizer step (on every rank:
         it all-reduces the load when torch.distributed is initialised). No-op when off."""
-        if self.config.moe.bias_update_rate == 0:
+        if self.config.bias_update_rate == 0:
             return
         for _, layer in self.moe_layers():
             layer.router.update_bias()

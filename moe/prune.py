@@ -92,7 +92,7 @@ def prune_state(sd: dict[str, Tensor], config: ModelConfig,
             name = f"layers.{i}.ffn.{key}"
             if name in out:
                 out[name] = out[name].index_select(0, ids_N).contiguous()  # (E, ...) -> (N, ...)
-    moe = dataclasses.replace(config.moe, num_experts=len(kept[0]))
+    moe = dataclasses.replace(config.resolved().moe, num_experts=len(kept[0]))  # the kept experts keep their bias
     return out, dataclasses.replace(config, moe=moe)
 
 

@@ -143,7 +143,7 @@ class Router(nn.Module):
         self.num_experts, self.top_k = m.num_experts, m.top_k
         self.kind, self.capacity_factor = m.router, m.capacity_factor
         self.renormalize, self.jitter_eps = m.renormalize, m.jitter_eps
-        self.bias_update_rate = m.bias_update_rate
+        self.bias_update_rate = config.bias_update_rate
         self.weight = nn.Parameter(torch.empty(m.num_experts, config.d_model))
         if self.bias_update_rate > 0:
             self.register_buffer("balance_bias", torch.zeros(m.num_experts))

@@ -60,7 +60,7 @@ def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes.update({p + "ffn.w1.weight": (fd, d), p + "ffn.w2.weight": (d, fd), p + "ffn.w3.weight": (fd, d)})
             continue
         shapes[p + "ffn.router.weight"] = (e, d)
-        if m.bias_update_rate > 0:
+        if config.bias_update_rate > 0:
             shapes[p + "ffn.router.balance_bias"] = (e,)
         shapes.update({p + "ffn.experts.w1": (e, f, d), p + "ffn.experts.w2": (e, d, f),
                        p + "ffn.experts.w3": (e, f, d)})

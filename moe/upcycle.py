@@ -90,7 +90,7 @@ def upcycle_state(dense_sd: dict[str, Tensor], dense_config: ModelConfig, moe: M
             sd[f"{p}experts.{w}"] = w_FD.unsqueeze(0).expand(E, *w_FD.shape).clone()  # (E, ...)
         dtype = sd[f"{p}experts.w1"].dtype
         sd[f"{p}router.weight"] = (torch.randn(E, config.d_model, generator=gen) * config.init_std).to(dtype)
-        if config.moe.bias_update_rate > 0:  # config.moe: the None defaults resolved
+        if config.bias_update_rate > 0:
             sd[f"{p}router.balance_bias"] = torch.zeros(E)
     return sd, config
 

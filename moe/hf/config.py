@@ -50,7 +50,7 @@ def choose_layout(config: ModelConfig) -> tuple[str, Optional[str]]:
         return ("qwen2" if config.qkv_bias else "llama"), None
     blocker = "model.moe.router=expert_choice" if m.router == "expert_choice" else None
     shared = m.num_shared_experts > 0
-    if m.bias_update_rate > 0 or (shared and not m.shared_expert_gate):
+    if config.bias_update_rate > 0 or (shared and not m.shared_expert_gate):
         return "ernie4_5_moe", blocker or ernie_blocker(config)
     if shared or m.moe_every > 1 or m.top_k == 1 or not m.renormalize:
         if config.qk_norm:
@@ -104,12 +104,12 @@ def to_hf_config(config: ModelConfig, layout: str, blocker: Optional[str], token
                  use_sliding_window=False, sliding_window=None)
     elif layout == "mixtral":
         d.update(intermediate_size=m.expert_hidden, num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
-                 router_aux_loss_coef=m.balance_loss_coef, router_jitter_noise=m.jitter_eps, sliding_window=None)
+                 router_aux_loss_coef=config.balance_loss_coef, router_jitter_noise=m.jitter_eps, sliding_window=None)
     elif layout in ("qwen2_moe", "qwen3_moe"):
         d.update(intermediate_size=config.ffn_hidden, moe_intermediate_size=m.expert_hidden,
                  num_experts=m.num_experts, num_experts_per_tok=m.top_k, decoder_sparse_step=max(m.moe_every, 1),
                  mlp_only_layers=[], norm_topk_prob=m.renormalize and m.top_k > 1,
-                 router_aux_loss_coef=m.balance_loss_coef, use_sliding_window=False, sliding_window=None)
+                 router_aux_loss_coef=config.balance_loss_coef, use_sliding_window=False, sliding_window=None)
         if layout == "qwen2_moe":
             d.update(shared_expert_intermediate_size=m.shared_hidden, qkv_bias=config.qkv_bias)
         else:
@@ -118,8 +118,8 @@ def to_hf_config(config: ModelConfig, layout: str, blocker: Optional[str], token
         d.update(intermediate_size=config.ffn_hidden, moe_intermediate_size=m.expert_hidden,
                  moe_num_experts=m.num_experts, moe_k=m.top_k, moe_num_shared_experts=m.num_shared_experts,
                  moe_layer_start_index=0, moe_layer_end_index=config.n_layers - 1, moe_layer_interval=m.moe_every,
-                 moe_norm_min=1e-12, use_bias=False, router_aux_loss_coef=m.balance_loss_coef)
-    d[NAMESPACE] = {"format_version": FORMAT_VERSION, "layout": layout, "model": dataclasses.asdict(config)}
+                 moe_norm_min=1e-12, use_bias=False, router_aux_loss_coef=config.balance_loss_coef)
+    d[NAMESPACE] = {"format_version": FORMAT_VERSION, "layout": layout, "model": dataclasses.asdict(config.resolved())}
     return d
 
 

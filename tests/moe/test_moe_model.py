@@ -41,8 +41,8 @@ def test_forward_shapes_and_loss_breakdown() -> None:
     logits, loss = model(idx, idx)
     b = model.loss_breakdown
     assert set(b) == {"lm", "balance", "z"}
-    m = model.config.moe
-    assert loss.item() == pytest.approx((b["lm"] + m.balance_loss_coef * b["balance"] + m.z_loss_coef * b["z"]).item())
+    c = model.config
+    assert loss.item() == pytest.approx((b["lm"] + c.balance_loss_coef * b["balance"] + c.moe.z_loss_coef * b["z"]).item())
     assert b["lm"].item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), idx.flatten()).item(), rel=1e-5)
     with pytest.raises(ValueError, match="longer than model.seq_len=24"):
         model(tokens(1, 25))
@@ -304,4 +304,4 @@ def test_bias_balanced_export_keeps_the_bias(tmp_path) -> None:
     loaded = load_export(out)
     torch.testing.assert_close(loaded.canonical_state_dict()["layers.1.ffn.router.balance_bias"],
                                model.canonical_state_dict()["layers.1.ffn.router.balance_bias"])
-    assert dataclasses.asdict(loaded.config) == dataclasses.asdict(model.config)
+    assert dataclasses.asdict(loaded.config) == dataclasses.asdict(model.config.resolved())

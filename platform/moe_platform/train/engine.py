@@ -64,7 +64,7 @@ def expert_lr_scale(trainer: TrainerConfig, model_config: ModelConfig) -> float:
     """trainer.expert_lr_scale, or when null 2 with bias balancing (the recipe measured together), else 1."""
     if trainer.expert_lr_scale is not None:
         return trainer.expert_lr_scale
-    return 2.0 if model_config.moe.bias_update_rate > 0 else 1.0
+    return 2.0 if model_config.bias_update_rate > 0 else 1.0
 
 
 def build_optimizer(model: torch.nn.Module, trainer: TrainerConfig) -> torch.optim.AdamW:

@@ -169,7 +169,8 @@ def _export_config(export_dir: str, key: str) -> ModelConfig:
 
 def check_init_export(export_dir: str, model: ModelConfig) -> None:
     """init.export_dir must be an export whose parameter shapes match the model section."""
-    exported_model = dataclasses.asdict(_export_config(export_dir, "init.export_dir"))
+    exported = _export_config(export_dir, "init.export_dir")
+    exported_model = dataclasses.asdict(exported)
     ours = dataclasses.asdict(model)
     for section, keys, prefix in ((ours, ARCHITECTURE_KEYS, "model."), (ours["moe"], MOE_ARCHITECTURE_KEYS, "model.moe.")):
         theirs = exported_model if prefix == "model." else exported_model.get("moe", {})
@@ -179,6 +180,22 @@ def check_init_export(export_dir: str, model: ModelConfig) -> None:
                     f"init.export_dir={export_dir} does not fit the model section: "
                     f"{prefix}{key}={section[key]!r} but the export has {theirs[key]!r}"
                 )
+    _check_router_bias_fits(export_dir, exported, model)
+
+
+def _check_router_bias_fits(export_dir: str, exported: ModelConfig, model: ModelConfig) -> None:
+    """A router balancing bias is a tensor of the state: both have one, or neither."""
+    if not model.num_moe_layers or (exported.bias_update_rate > 0) == (model.bias_update_rate > 0):
+        return
+    prefix = f"init.export_dir={export_dir} does not fit the model section: "
+    if exported.bias_update_rate > 0:
+        raise TrainConfigError(prefix + "the export's routers carry a balancing bias and the model's have none "
+                               f"(model.moe.bias_update_rate is 0 for it: backend={model.moe.backend}, "
+                               f"router={model.moe.router}, top_k={model.moe.top_k}); only the native "
+                               "token-choice router adds the bias")
+    raise TrainConfigError(prefix + f"the model balances with a router bias (model.moe.bias_update_rate="
+                           f"{model.bias_update_rate}) and the export's routers have none; set "
+                           "model.moe.bias_update_rate=0")
 
 
 # Fields that decide parameter shapes: an export initialises only a model that agrees on them.

@@ -132,13 +132,17 @@ def test_killed_worker_resumes_onto_the_same_loss_curve(ep2_run, dataset, tmp_pa
 
 
 def test_next_stage_starts_from_an_export_with_a_loss_mask(ep2_run, tmp_path):
-    """A finetuning-like stage: loss-masked rows, weights from the export, and - since exports do
-    not depend on the backend - DeepSpeed's own MoE layer under ZeRO-2 this time."""
+    """A finetuning-like stage: loss-masked rows, weights from the export, under ZeRO-2 this time.
+    DeepSpeed's own MoE layer has no router bias, so it is refused for this bias-balanced export
+    before any Ray work, in one line."""
     _, reference = ep2_run
     masked = write_dataset(str(tmp_path / "masked"), train_rows=128, validation_rows=32, loss_mask=True, seed=3)
-    stage = tiny_stage(masked, str(tmp_path / "finetune"), model=tiny_model(backend="deepspeed"),
-                       init_export_dir=reference.export_dir, max_steps=4, log_every=1, lr=1e-3, warmup_steps=1,
-                       eval_every=0, zero_stage=2)
+    settings = dict(init_export_dir=reference.export_dir, max_steps=4, log_every=1, lr=1e-3, warmup_steps=1,
+                    eval_every=0, zero_stage=2)
+    deepspeed = tiny_stage(masked, str(tmp_path / "ds"), model=tiny_model(backend="deepspeed"), **settings)
+    with pytest.raises(TrainConfigError, match="the export's routers carry a balancing bias and the model's have none"):
+        train(deepspeed)
+    stage = tiny_stage(masked, str(tmp_path / "finetune"), model=tiny_model(), **settings)
     result = train(stage)
     losses = read_scalars(result.tensorboard_dir)["train/lm_loss"]
     reference_final = read_scalars(reference.tensorboard_dir)["train/lm_loss"][-1][1]

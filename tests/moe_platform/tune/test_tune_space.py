@@ -191,6 +191,6 @@ def test_a_sweep_from_before_a_new_config_key_resumes_at_its_default(base_stage,
     (tmp_path / "sweep" / SWEEP_FILE).write_text(json.dumps(saved))
     check_sweep_dir(plan)  # resumes
     changed = dataclasses.replace(plan, base=dataclasses.replace(
-        plan.base, trainer=dataclasses.replace(plan.base.trainer, expert_lr_scale=2.0)))
-    with pytest.raises(TuneConfigError, match=r"trainer.expert_lr_scale=1.0 there, 2.0 now"):
+        plan.base, trainer=dataclasses.replace(plan.base.trainer, expert_lr_scale=3.0)))
+    with pytest.raises(TuneConfigError, match=r"trainer.expert_lr_scale=None there, 3.0 now"):
         check_sweep_dir(changed)
