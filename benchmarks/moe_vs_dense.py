@@ -105,6 +105,9 @@ def summarise(results: list[dict], names: list[str]) -> str:
     lines = []
     for steps in sorted({r["steps"] for r in results}):
         dense = {r["seed"]: r for r in results if r["steps"] == steps and r["name"] == "dense"}
+        if not dense:
+            lines.append(f"\n({steps} steps: no dense run in this invocation, so no paired differences; "
+                         "add dense to --only)")
         lines.append(f"\n== {steps} steps: held-out loss (paired difference to dense of the same seed; "
                      "negative = better than dense)")
         lines.append(f"{'variant':<16}{'seed':>5}{'loss':>9}{'vs dense':>10}{'at dense time':>15}"
@@ -117,7 +120,7 @@ def summarise(results: list[dict], names: list[str]) -> str:
                 diff = 100 * (r["loss"] / base["loss"] - 1) if base else float("nan")
                 at_time = loss_at_time(r["curve"], base["curve"][-1][1]) if base else float("nan")
                 time_diff = 100 * (at_time / base["curve"][-1][2] - 1) if base else float("nan")
-                if name != "dense":
+                if name != "dense" and base:  # unpaired (e.g. --only without dense): no difference to average
                     diffs.append(diff)
                     time_diffs.append(time_diff)
                 routing = r["routing"]

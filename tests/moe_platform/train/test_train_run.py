@@ -155,7 +155,7 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "assets", "losses",
 
 def test_the_run_reproduces_the_golden_loss_curve(ep2_run):
     """The module's fixed-seed EP=2 run (the tiny model with the default MoE recipe: routed_scale,
-    balance loss) against its checked-in curve: a change that alters what training computes shows
+    bias balancing over a light balance loss, the experts at 2x lr) against its checked-in curve: a change that alters what training computes shows
     here. Re-record deliberately with RECORD_GOLDEN_LOSSES=1 and say why in the commit."""
     _, result = ep2_run
     scalars = read_scalars(result.tensorboard_dir)
