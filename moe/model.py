@@ -128,6 +128,8 @@ class MoETransformer(nn.Module):
     def __init__(self, config: ModelConfig, *, expert_parallel_size: int = 1) -> None:
         super().__init__()
         config.validate_expert_parallel(expert_parallel_size)
+        # Resolved once: a built model has a router bias or not, and reads its coefficients every step.
+        config = config.resolved()
         # Draw the initial weights first, in the canonical layout, so that a seed gives the same
         # model for any backend and EP size (building the modules below consumes RNG differently).
         init_state = initial_canonical_state(config)

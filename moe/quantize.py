@@ -94,8 +94,7 @@ def _native_copy(model: MoETransformer) -> MoETransformer:
     """An fp32 CPU eval copy on the native backend, rebuilt from the canonical state dict (the
     backend-independent layout) rather than deep-copied, which fails on tensors a training
     forward left behind."""
-    config = model.config
-    config = config.resolved()  # the state keeps its router bias (or none) on the native backend
+    config = model.config  # resolved: the state keeps its router bias (or none) on the native backend
     config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, backend="native"))
     copy = MoETransformer(config)
     copy.load_canonical_state_dict({k: v.float().cpu() for k, v in model.canonical_state_dict().items()})

@@ -30,8 +30,6 @@ ARCHITECTURES = {
     "ernie4_5_moe": "Ernie4_5_MoeForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
 }
-# Bias balancing imported from an ERNIE checkpoint keeps training its bias at DeepSeek-V3's rate.
-IMPORTED_BIAS_UPDATE_RATE = DEFAULT_BIAS_UPDATE_RATE
 
 
 class ConfigError(ValueError):
@@ -261,7 +259,7 @@ def _ernie_feed_forward(r: _Reader) -> dict[str, Any]:
     return {"ffn_hidden": r.get("intermediate_size", int), "moe": MoEConfig(
         num_experts=r.get("moe_num_experts", int), top_k=k, expert_hidden=r.get("moe_intermediate_size", int),
         moe_every=interval, num_shared_experts=r.get("moe_num_shared_experts", int, 0), renormalize=True,
-        bias_update_rate=IMPORTED_BIAS_UPDATE_RATE, routed_scale=1.0)}
+        bias_update_rate=DEFAULT_BIAS_UPDATE_RATE, routed_scale=1.0)}  # an imported bias keeps training at our rate
 
 
 def _top_k(r: _Reader, field: str, renormalized: bool) -> int:
